@@ -1,0 +1,1 @@
+"""Evaluation suites: language modelling (bits per byte) now; classification, zero-shot, recall later."""

@@ -1,0 +1,28 @@
+"""`zoo eval SUITE ...`, registered on the zoo CLI through the `zoo.commands` entry points."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _cmd_eval_lm(args) -> None:
+    from .lm import evaluate_bpb
+
+    m = evaluate_bpb(args.model, args.data, args.tokenizer, args.batches, args.batch_size, args.ctx_len, args.device)
+    print(f"{args.model} on {args.data} (val split, {m['tokens']:,.0f} tokens): "
+          f"loss {m['loss']:.4f} nats/token, {m['bpb']:.4f} bits/byte")
+
+
+def add_eval_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="run an evaluation suite", description="Evaluate models.")
+    suites = p.add_subparsers(dest="suite", required=True, metavar="SUITE")
+    lm = suites.add_parser("lm", help="loss and bits per byte on held-out text",
+                           description="Loss and bits per byte on the validation split of a text source.")
+    lm.add_argument("model", metavar="MODEL_OR_CHECKPOINT")
+    lm.add_argument("--data", default="stdlib", help="'stdlib', a `zoo data text` directory or a text folder")
+    lm.add_argument("--tokenizer", default=None, help="default: the model's")
+    lm.add_argument("--batches", type=int, default=16)
+    lm.add_argument("--batch-size", type=int, default=16)
+    lm.add_argument("--ctx-len", type=int, default=256)
+    lm.add_argument("--device", default="cpu")
+    lm.set_defaults(func=_cmd_eval_lm)

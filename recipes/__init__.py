@@ -1,0 +1,1 @@
+"""Training: one engine, YAML recipes per model family, data pipelines."""

@@ -1,0 +1,91 @@
+"""Recipe configs: YAML files validated into dataclasses by OmegaConf, overridden by `key=value` dotlists."""
+
+from __future__ import annotations
+
+import importlib.resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = ["DataConfig", "OptimConfig", "TrainConfig", "load_recipe", "recipe_path", "RecipeError"]
+
+
+class RecipeError(ValueError):
+    """A recipe file or override that does not fit the config schema."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"          # "stdlib" (the Python standard library's sources), a `zoo data text`
+                                    # shard directory, or a folder of .txt/.md/.py/.jsonl files
+    tokenizer: str = "byte"         # byte, neox or world; must fit the model's vocab
+    val_percent: float = 5.0        # share of files held out for validation (split by file, deterministic)
+    text_key: str = "text"          # field holding the text in JSONL files
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    min_lr: float = 1e-5            # end of the cosine decay (for the 1x group; scaled groups scale it too)
+    warmup_steps: int = 0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-8
+    weight_decay: float = 0.0       # applied to matrices only
+    layerwise_lr: bool = True       # official RWKV groups: time_decay at 2x lr, time_first at 3x
+    grad_clip: float = 1.0          # max global grad norm; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    model: str = "rwkv4-tiny"
+    model_args: dict[str, Any] = field(default_factory=dict)   # config overrides, e.g. {n_layer: 6}
+    init_from: Optional[str] = None  # checkpoint (native or official .pth) to start from
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ctx_len: int = 128
+    batch_size: int = 16            # sequences per micro-batch
+    grad_accum: int = 1             # micro-batches per optimizer step
+    max_steps: int = 1000
+    l2wrap: bool = True             # official L2Wrap: push the largest logit of each position towards 0
+    precision: str = "auto"         # auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32
+    device: str = "auto"            # auto, cpu, cuda, cuda:N
+    threads: int = 0                # CPU threads for torch (0: torch's default)
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 500
+    keep_last: int = 3              # step checkpoints kept
+    out_dir: str = "runs/default"
+    seed: int = 0
+    resume: Optional[str] = None    # a step checkpoint, a run directory (its latest checkpoint) or "auto"
+
+
+def recipe_path(recipe: str) -> Path:
+    """A recipe file: a path, or a name inside the recipes package such as 'lm/rwkv4-tiny-stdlib'."""
+    path = Path(recipe)
+    if path.exists():
+        return path
+    packaged = importlib.resources.files("recipes").joinpath(recipe if recipe.endswith(".yaml") else recipe + ".yaml")
+    if packaged.is_file():
+        return Path(str(packaged))
+    known = sorted(str(p.relative_to(Path(str(importlib.resources.files("recipes")))).with_suffix(""))
+                   for p in Path(str(importlib.resources.files("recipes"))).rglob("*.yaml"))
+    raise FileNotFoundError(f"no recipe {recipe!r}: not a file, and not one of the packaged recipes {known}")
+
+
+def load_recipe(recipe: str | None, overrides: list[str] = ()) -> TrainConfig:
+    """Schema defaults <- recipe YAML <- `key=value` overrides (dotted keys: optim.lr=1e-3)."""
+    try:
+        cfg = OmegaConf.structured(TrainConfig)
+        if recipe is not None:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(recipe_path(recipe)))
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise RecipeError(f"invalid recipe {recipe or '(defaults)'}: {e}") from None
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,156 @@
+"""Checkpoints: the native format (safetensors + JSON config) and official BlinkDL RWKV-4 `.pth` files.
+
+Native checkpoint = a directory with `model.safetensors` and `config.json`
+({"format": "rwkv-zoo", "arch", "name", "config"}). Official `.pth` files are read with
+`torch.load(weights_only=True)`: a file whose unpickling would run code is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .models import rwkv4
+from .registry import arch_class
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_state_dict", "load_weights",
+           "export_official", "atomic_dir", "write_model_files"]
+
+FORMAT = "rwkv-zoo"
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked: unsafe, malformed, or not matching the model."""
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield a temporary sibling directory; on success it replaces `path` in one rename.
+
+    A crash leaves either the old directory or the new one, never a half-written `path`.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)
+
+
+def write_model_files(model: nn.Module, directory: Path, name: str | None = None) -> None:
+    """Write model.safetensors and config.json into an existing directory."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, str(directory / WEIGHTS))
+    meta = {"format": FORMAT, "arch": model.arch, "name": name, "config": asdict(model.config)}
+    (directory / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
+    """Save a model in the native format (a directory), atomically."""
+    with atomic_dir(path) as tmp:
+        write_model_files(model, tmp, name)
+    return Path(path)
+
+
+def _read_pth(path: Path) -> dict[str, Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refusing to load: unpickling it needs more than tensors and plain containers "
+            f"(it would execute code); only weights_only=True files are accepted. ({reason})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from None
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state dict), got {type(obj).__name__}")
+    return obj
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict | None]:
+    """Read (state_dict, native config or None) from a native directory, a .safetensors file or a .pth."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.is_dir():
+        if not (path / WEIGHTS).exists():
+            raise CheckpointError(f"{path} is a directory without {WEIGHTS}")
+        path = path / WEIGHTS
+    if path.suffix == ".safetensors":
+        cfg_file = path.with_name(CONFIG)
+        meta = json.loads(cfg_file.read_text()) if cfg_file.exists() else None
+        if meta is not None and meta.get("format") != FORMAT:
+            raise CheckpointError(f"{cfg_file}: not a {FORMAT} config (format={meta.get('format')!r})")
+        return load_file(str(path)), meta
+    return _read_pth(path), None
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """load_state_dict(strict) with one clear error listing missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"{label} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                 for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                     ("shape mismatches", wrong)) if keys]
+        raise CheckpointError(f"{source} does not match {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(state_dict)
+
+
+def _model_from_config(meta: dict, overrides: dict) -> nn.Module:
+    cls = arch_class(meta["arch"])
+    return cls(cls.config_class(**{**meta["config"], **overrides}))
+
+
+def load_checkpoint(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None, **overrides) -> nn.Module:
+    """Build the model a checkpoint describes and load its weights.
+
+    Native directories carry their config; official RWKV-4 `.pth` files get theirs from the
+    tensor shapes. `overrides` change config fields that do not affect shapes (e.g. ctx_len).
+    """
+    state_dict, meta = read_state_dict(path)
+    if meta is not None:
+        model = _model_from_config(meta, overrides)
+    else:
+        try:
+            config = rwkv4.config_from_state_dict(state_dict, **overrides)
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot infer a model from this state dict: {e}") from None
+        model = rwkv4.RWKV4LM(config)
+        state_dict = rwkv4.checkpoint_filter_fn(state_dict, model)
+    load_weights(model, state_dict, str(path))
+    return model.to(device=device, dtype=dtype)
+
+
+def export_official(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """Write an RWKV-4 model as an official BlinkDL `.pth` (same keys and shapes; dtype as given)."""
+    if model.arch != "rwkv4":
+        raise CheckpointError(f"official export exists for RWKV-4 only, not {model.arch!r}")
+    sd = {k: v.detach().cpu().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    torch.save(sd, path)

@@ -1,0 +1,68 @@
+"""create_model / model_info: build registered models by name, optionally with weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import load_weights, read_state_dict
+from .models import rwkv4
+from .registry import get_entry
+
+__all__ = ["create_model", "model_info", "build_config", "count_params"]
+
+
+def build_config(name: str, **overrides) -> Any:
+    """The registered config of `name` with fields replaced; unknown fields are an error."""
+    entry = get_entry(name)
+    fields = {f.name for f in dataclasses.fields(entry.config)}
+    unknown = [k for k in overrides if k not in fields]
+    if unknown:
+        close = {k: difflib.get_close_matches(k, fields, n=1) for k in unknown}
+        hints = ", ".join(f"{k}" + (f" (did you mean {c[0]}?)" if c else "") for k, c in close.items())
+        raise TypeError(f"{name}: unknown config field(s) {hints}; fields are {', '.join(sorted(fields))}")
+    return dataclasses.replace(entry.config, **overrides)
+
+
+def create_model(name: str, pretrained: str | None = None, device=None, dtype: torch.dtype | None = None,
+                 **overrides) -> nn.Module:
+    """Build a registered model. pretrained: path to a native checkpoint or an official `.pth`.
+
+    device="meta" builds the module without allocating (or initialising) any weights.
+    """
+    entry = get_entry(name)
+    config = build_config(name, **overrides)
+    with torch.device(device or "cpu"):
+        model = entry.model_class(config)
+    if pretrained is not None:
+        state_dict, meta = read_state_dict(pretrained)
+        if meta is None and model.arch == "rwkv4":
+            state_dict = rwkv4.checkpoint_filter_fn(state_dict, model)
+        load_weights(model, state_dict, f"{pretrained} (for {name})")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_info(name: str) -> dict:
+    """Family, paper, config, parameter count and parameter shapes of a registered model."""
+    entry = get_entry(name)
+    model = create_model(name, device="meta")
+    return {
+        "name": name,
+        "family": entry.family,
+        "arch": entry.model_class.arch,
+        "paper": entry.paper,
+        "params": count_params(model),
+        "config": dataclasses.asdict(entry.config),
+        "shapes": {k: list(p.shape) for k, p in model.named_parameters()},
+        "pretrained": list(entry.pretrained),
+    }

@@ -1,0 +1,85 @@
+"""Pre-LN GPT baselines (GPT-2 layout, torch SDPA attention), one per RWKV-4 size, same V, L and D.
+
+Used for side-by-side comparisons: per layer 12 D^2 + 13 D parameters against RWKV-4's 13 D^2 + 11 D,
+plus a learned position embedding of ctx_len x D.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from blocks import GPTBlock
+
+from ..registry import register_model
+from ._validate import check_tokens
+
+__all__ = ["GPTConfig", "GPTLM"]
+
+PAPER = "Language Models are Unsupervised Multitask Learners (Radford et al., 2019), pre-LN baseline"
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50277
+    n_layer: int = 12
+    n_embd: int = 768
+    n_head: int = 0           # 0: n_embd // 64
+    ctx_len: int = 1024       # the position embedding's length: the longest input
+    tokenizer: str = "neox"
+
+    @property
+    def heads(self) -> int:
+        return self.n_head or max(1, self.n_embd // 64)
+
+
+class GPTLM(nn.Module):
+    arch = "gpt"
+    config_class = GPTConfig
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.ctx_len, config.n_embd)
+        self.blocks = nn.ModuleList(GPTBlock(config.n_embd, config.heads) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        """GPT-2 init: N(0, 0.02) weights, zero biases."""
+        if isinstance(m, (nn.Linear, nn.Embedding)) and not m.weight.is_meta:
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """idx: [B, T] with T <= ctx_len. Returns logits [B, T, V]."""
+        check_tokens(idx, self.config.vocab_size, self.wte.weight.device)
+        T = idx.shape[1]
+        if T > self.config.ctx_len:
+            raise ValueError(f"sequence length {T} exceeds this GPT's ctx_len={self.config.ctx_len}")
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.dim() < 2}
+
+
+def _register(name: str, **cfg) -> None:
+    register_model(name, GPTLM, GPTConfig(**cfg), family="language", paper=PAPER)
+
+
+_register("gpt-169m", n_layer=12, n_embd=768)
+_register("gpt-430m", n_layer=24, n_embd=1024)
+_register("gpt-1b5", n_layer=24, n_embd=2048)
+_register("gpt-3b", n_layer=32, n_embd=2560)
+_register("gpt-7b", n_layer=32, n_embd=4096)
+_register("gpt-14b", n_layer=40, n_embd=5120)
+_register("gpt-tiny", vocab_size=256, n_layer=4, n_embd=128, n_head=4, ctx_len=256, tokenizer="byte")

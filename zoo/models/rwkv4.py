@@ -1,0 +1,159 @@
+"""RWKV-4 language models (Peng et al., "RWKV: Reinventing RNNs for the Transformer Era", arXiv 2305.13048).
+
+One model, three modes that give the same logits:
+  - parallel ("GPT mode"): model(idx) -> logits [B, T, V];
+  - parallel from a state:  model(idx, state=s, return_state=True) -> (logits, state), for chunked prefill;
+  - RNN:                    model.forward_rnn(token_ids [B], state) -> (logits [B, V], state).
+
+The state is one float32 tensor [n_layer, 5, B, C]; rows per layer are att x_prev, aa, bb, pp and
+ffn x_prev (the `rwkv` package's order). Parameter names are those of BlinkDL's official
+checkpoints, so official `.pth` state dicts map one to one (`checkpoint_filter_fn`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from blocks import STATE_ROWS, RWKV4Block
+
+from ..registry import register_model
+from ._validate import check_tokens
+
+__all__ = ["RWKV4Config", "RWKV4LM", "checkpoint_filter_fn", "config_from_state_dict"]
+
+PAPER = "RWKV: Reinventing RNNs for the Transformer Era (Peng et al., 2023, arXiv 2305.13048)"
+
+
+@dataclass
+class RWKV4Config:
+    vocab_size: int = 50277
+    n_layer: int = 12
+    n_embd: int = 768
+    dim_ffn: int = 0          # 0: 4 * n_embd
+    ctx_len: int = 1024       # training context; the model itself has no length limit
+    tokenizer: str = "neox"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_embd", "ctx_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RWKV4Config.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def ffn_size(self) -> int:
+        return self.dim_ffn or 4 * self.n_embd
+
+
+class RWKV4LM(nn.Module):
+    """Embedding, n_layer RWKV-4 blocks, final LayerNorm and an untied head."""
+
+    arch = "rwkv4"
+    config_class = RWKV4Config
+
+    def __init__(self, config: RWKV4Config):
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        self.emb = nn.Embedding(config.vocab_size, C)
+        self.blocks = nn.ModuleList(RWKV4Block(C, config.ffn_size, i, config.n_layer) for i in range(config.n_layer))
+        self.ln_out = nn.LayerNorm(C)
+        self.head = nn.Linear(C, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official v4neo init of the embedding and head; blocks initialise themselves."""
+        if self.emb.weight.is_meta:
+            return
+        nn.init.uniform_(self.emb.weight, -1e-4, 1e-4)
+        V, C = self.config.vocab_size, self.config.n_embd
+        nn.init.orthogonal_(self.head.weight, gain=0.5 * math.sqrt(V / C) if V > C else 0.5)
+
+    def init_state(self, batch_size: int, device=None) -> Tensor:
+        """Empty RNN state [n_layer, 5, B, C] (float32; float64 for a float64 model)."""
+        device = self.emb.weight.device if device is None else device
+        dtype = torch.float64 if self.emb.weight.dtype == torch.float64 else torch.float32
+        one = RWKV4Block.init_state(batch_size, self.config.n_embd, device, dtype)
+        return one.expand(self.config.n_layer, *one.shape).clone()
+
+    def check_state(self, state: Tensor, batch_size: int) -> None:
+        """Raise a clear error unless `state` fits this model and batch size."""
+        expected = (self.config.n_layer, STATE_ROWS, batch_size, self.config.n_embd)
+        if not isinstance(state, Tensor):
+            raise TypeError(f"state must be a tensor from init_state() or return_state=True, got {type(state).__name__}")
+        if tuple(state.shape) != expected:
+            raise ValueError(f"state has shape {tuple(state.shape)} but this model and batch need {expected} "
+                             "(n_layer, 5, batch, n_embd): is it from another model or batch size?")
+        if not state.is_floating_point():
+            raise TypeError(f"state must be floating point, got {state.dtype}")
+        if state.device != self.emb.weight.device:
+            raise ValueError(f"state is on {state.device} but the model is on {self.emb.weight.device}")
+
+    def forward(self, idx: Tensor, state: Tensor | None = None, return_state: bool = False):
+        """idx: [B, T] token ids. Returns logits [B, T, V], and the new state if return_state."""
+        check_tokens(idx, self.config.vocab_size, self.emb.weight.device)
+        if state is not None:
+            self.check_state(state, idx.shape[0])
+        x = self.emb(idx)
+        new_state = []
+        for i, block in enumerate(self.blocks):
+            x, s = block(x, None if state is None else state[i])
+            new_state.append(s)
+        logits = self.head(self.ln_out(x))
+        return (logits, torch.stack(new_state)) if return_state else logits
+
+    def forward_rnn(self, token_ids: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One step of RNN mode. token_ids: [B]. Returns (logits [B, V], new state)."""
+        if not isinstance(token_ids, Tensor) or token_ids.dim() != 1:
+            shape = tuple(token_ids.shape) if isinstance(token_ids, Tensor) else type(token_ids).__name__
+            raise ValueError(f"forward_rnn takes token ids of shape [B], got {shape}")
+        logits, state = self(token_ids[:, None], state=state, return_state=True)
+        return logits[:, 0], state
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters the official trainer keeps out of weight decay: everything that is not a matrix."""
+        return {n for n, p in self.named_parameters() if p.dim() < 2 or "time_" in n}
+
+
+_TOKENIZER_BY_VOCAB = {256: "byte", 65536: "world"}  # official RWKV-4 Pile models: 50277 (neox)
+
+
+def config_from_state_dict(state_dict: dict[str, Tensor], **overrides) -> RWKV4Config:
+    """Infer vocab, width, depth and FFN size from the shapes of an (official) RWKV-4 state dict."""
+    required = ("emb.weight", "blocks.0.att.time_decay", "blocks.0.ffn.key.weight")
+    missing = [k for k in required if k not in state_dict]
+    if missing:
+        raise KeyError(f"not an RWKV-4 state dict: missing {missing}")
+    if state_dict["blocks.0.att.time_decay"].dim() != 1:
+        raise ValueError("blocks.0.att.time_decay is not 1-D: this is not an RWKV-4 checkpoint "
+                         "(RWKV-5/6/7 have per-head decays)")
+    vocab_size, n_embd = state_dict["emb.weight"].shape
+    layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
+    fields = dict(vocab_size=vocab_size, n_embd=n_embd, n_layer=max(layers) + 1,
+                  dim_ffn=state_dict["blocks.0.ffn.key.weight"].shape[0],
+                  tokenizer=_TOKENIZER_BY_VOCAB.get(vocab_size, "neox"))
+    return RWKV4Config(**{**fields, **overrides})
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: RWKV4LM) -> dict[str, Tensor]:
+    """Official BlinkDL keys and shapes are ours already; only the dtype is brought to the model's."""
+    dtype = model.emb.weight.dtype
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def _register(name: str, **cfg) -> None:
+    register_model(name, RWKV4LM, RWKV4Config(**cfg), family="language", paper=PAPER)
+
+
+# Table 2 of the paper (vocab 50277, the GPT-NeoX 20B tokenizer of the Pile models).
+_register("rwkv4-169m", n_layer=12, n_embd=768)
+_register("rwkv4-430m", n_layer=24, n_embd=1024)
+_register("rwkv4-1b5", n_layer=24, n_embd=2048)
+_register("rwkv4-3b", n_layer=32, n_embd=2560)
+_register("rwkv4-7b", n_layer=32, n_embd=4096)
+_register("rwkv4-14b", n_layer=40, n_embd=5120)
+# Byte-level model for tests and the CPU demo.
+_register("rwkv4-tiny", vocab_size=256, n_layer=4, n_embd=128, ctx_len=256, tokenizer="byte")
