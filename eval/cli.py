@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _cmd_eval_lm(args) -> None:
+    from recipes.data import DataError
+    from zoo import CheckpointError, UnknownModelError
+
     from .lm import evaluate_bpb
 
-    m = evaluate_bpb(args.model, args.data, args.tokenizer, args.batches, args.batch_size, args.ctx_len, args.device)
+    try:
+        m = evaluate_bpb(args.model, args.data, args.tokenizer, args.batches, args.batch_size, args.ctx_len,
+                         args.device)
+    except (DataError, CheckpointError, UnknownModelError, FileNotFoundError) as e:
+        sys.exit(f"zoo eval lm: {e}")
     print(f"{args.model} on {args.data} (val split, {m['tokens']:,.0f} tokens): "
           f"loss {m['loss']:.4f} nats/token, {m['bpb']:.4f} bits/byte")
 

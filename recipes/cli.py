@@ -9,13 +9,15 @@ from pathlib import Path
 
 
 def _cmd_train(args) -> None:
+    from zoo.checkpoint import CheckpointError
+
     from .config import RecipeError, load_recipe
+    from .data import DataError
     from .engine import NonFiniteLossError, train
 
     try:
-        cfg = load_recipe(args.recipe, args.overrides)
-        result = train(cfg)
-    except (RecipeError, NonFiniteLossError) as e:
+        result = train(load_recipe(args.recipe, args.overrides))
+    except (RecipeError, DataError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
         sys.exit(f"zoo train: {e}")
     first, final = result["first_val"], result["final_val"]
     if first and final:
@@ -34,10 +36,13 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_data_text(args) -> None:
-    from .data import pack_text
+    from .data import DataError, pack_text
 
-    meta = pack_text(Path(args.source), Path(args.out), args.tokenizer, args.val_percent, args.text_key,
-                     args.shard_tokens)
+    try:
+        meta = pack_text(Path(args.source), Path(args.out), args.tokenizer, args.val_percent, args.text_key,
+                         args.shard_tokens)
+    except (DataError, FileNotFoundError, KeyError) as e:
+        sys.exit(f"zoo data text: {e}")
     print(json.dumps(meta["splits"], indent=2))
 
 

@@ -7,14 +7,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from zoo import UnknownModelError
+from zoo.factory import build_config
 
 __all__ = ["DataConfig", "OptimConfig", "TrainConfig", "load_recipe", "recipe_path", "RecipeError"]
 
 
 class RecipeError(ValueError):
     """A recipe file or override that does not fit the config schema."""
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -61,6 +68,13 @@ class TrainConfig:
     seed: int = 0
     resume: Optional[str] = None    # a step checkpoint, a run directory (its latest checkpoint) or "auto"
 
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise RecipeError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("ctx_len", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"{name} must be >= 1, got {getattr(self, name)}")
+
 
 def recipe_path(recipe: str) -> Path:
     """A recipe file: a path, or a name inside the recipes package such as 'lm/rwkv4-tiny-stdlib'."""
@@ -76,14 +90,18 @@ def recipe_path(recipe: str) -> Path:
 
 
 def load_recipe(recipe: str | None, overrides: list[str] = ()) -> TrainConfig:
-    """Schema defaults <- recipe YAML <- `key=value` overrides (dotted keys: optim.lr=1e-3)."""
+    """Schema defaults <- recipe YAML <- `key=value` overrides (dotted keys: optim.lr=1e-3).
+
+    The model name and model_args are checked against the registry here, before any work starts.
+    """
     try:
         cfg = OmegaConf.structured(TrainConfig)
         if recipe is not None:
             cfg = OmegaConf.merge(cfg, OmegaConf.load(recipe_path(recipe)))
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as e:
+        cfg = OmegaConf.to_object(OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides))))
+        build_config(cfg.model, **cfg.model_args)
+        return cfg
+    except (OmegaConfBaseException, yaml.YAMLError, FileNotFoundError, UnknownModelError, TypeError) as e:
         raise RecipeError(f"invalid recipe {recipe or '(defaults)'}: {e}") from None
 
 

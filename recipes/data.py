@@ -23,8 +23,12 @@ from zoo.tokenizers import Tokenizer, get_tokenizer
 
 from .config import DataConfig
 
-__all__ = ["TokenData", "stdlib_files", "text_files", "split_files", "tokenize_files", "pack_text",
+__all__ = ["DataError", "TokenData", "stdlib_files", "text_files", "split_files", "tokenize_files", "pack_text",
            "load_lm_data", "evaluate_lm"]
+
+class DataError(ValueError):
+    """A data source that cannot serve the run as configured (wrong tokenizer, too short, unknown kind)."""
+
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".jsonl"}
 DOC_SEPARATOR = "\n\n"
@@ -55,7 +59,7 @@ def split_files(files: list[Path], root: Path, val_percent: float) -> tuple[list
     val = [p for p in files if held_out(p)]
     train = [p for p in files if not held_out(p)]
     if not train or not val:
-        raise ValueError(f"val_percent={val_percent} leaves an empty split of {len(files)} files under {root}")
+        raise DataError(f"val_percent={val_percent} leaves an empty split of {len(files)} files under {root}")
     return train, val
 
 
@@ -118,7 +122,7 @@ class TokenData:
         """batch_size random windows: inputs x [B, ctx_len] and next-token targets y."""
         arrays = [a for a in self.splits[split] if len(a) > ctx_len + 1]
         if not arrays:
-            raise ValueError(f"the {split} split has no shard longer than ctx_len + 1 = {ctx_len + 1} tokens")
+            raise DataError(f"the {split} split has no shard longer than ctx_len + 1 = {ctx_len + 1} tokens")
         weights = torch.tensor([len(a) - ctx_len - 1 for a in arrays], dtype=torch.float64)
         which = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
         starts = (torch.rand(batch_size, generator=generator, dtype=torch.float64) * weights[which]).long()
@@ -140,13 +144,13 @@ def load_lm_data(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val")) ->
     elif (source / META).exists():
         meta = json.loads((source / META).read_text())
         if meta["tokenizer"] != tokenizer.name:
-            raise ValueError(f"{source} was tokenized with {meta['tokenizer']!r}, the recipe asks for {tokenizer.name!r}")
+            raise DataError(f"{source} was tokenized with {meta['tokenizer']!r}, the recipe asks for {tokenizer.name!r}")
         return TokenData(tokenizer, {s: [np.memmap(source / name, dtype=meta["dtype"], mode="r")
                                          for name in meta["splits"][s]["shards"]] for s in splits})
     elif source.is_dir():
         root, files = source, text_files(source)
     else:
-        raise FileNotFoundError(f"data.source={cfg.source!r} is neither 'stdlib', a shard directory nor a folder")
+        raise DataError(f"data.source={cfg.source!r} is neither 'stdlib', a shard directory nor a folder")
     by_split = dict(zip(("train", "val"), split_files(files, root, cfg.val_percent)))
     return TokenData(tokenizer, {s: [tokenize_files(by_split[s], tokenizer, cfg.text_key, f"tokenizing {s}")]
                                  for s in splits})

@@ -24,7 +24,7 @@ import zoo
 from zoo.checkpoint import atomic_dir, load_weights, read_state_dict, write_model_files
 
 from .config import OptimConfig, TrainConfig, to_yaml
-from .data import TokenData, evaluate_lm, load_lm_data
+from .data import DataError, TokenData, evaluate_lm, load_lm_data
 
 __all__ = ["train", "param_groups", "l2wrap_penalty", "lr_lambda", "latest_checkpoint", "NonFiniteLossError"]
 
@@ -70,6 +70,7 @@ def l2wrap_penalty(logits: Tensor) -> Tensor:
     """RWKV's L2Wrap as a loss term worth 0 that adds 1e-4/(B*T) * max_logit to the max logit's gradient.
 
     Its value is zero (p - p.detach()); its gradient equals that of 1e-4 / (2 B T) * sum(max_logit^2).
+    Unlike the official autograd.Function it is scaled with the loss under gradient accumulation.
     """
     top = logits.float().amax(dim=-1)
     penalty = 1e-4 / (2 * top.numel()) * top.square().sum()
@@ -158,8 +159,6 @@ def _device(cfg: TrainConfig) -> torch.device:
 
 
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
     if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
@@ -171,7 +170,7 @@ def _build_model(cfg: TrainConfig, data: TokenData) -> nn.Module:
         init = zoo.load_checkpoint(cfg.init_from)
         load_weights(model, init.state_dict(), cfg.init_from)
     if data.tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer {data.tokenizer.name} has {data.tokenizer.vocab_size} ids but {cfg.model} "
+        raise DataError(f"tokenizer {data.tokenizer.name} has {data.tokenizer.vocab_size} ids but {cfg.model} "
                          f"only {model.config.vocab_size}: pick a matching data.tokenizer or model_args.vocab_size")
     return model
 
@@ -208,7 +207,13 @@ def train(cfg: TrainConfig) -> dict:
         state = torch.load(resume_from / TRAINER_STATE, map_location="cpu", weights_only=True)
         load_weights(model, {k: v.to(device) for k, v in read_state_dict(resume_from)[0].items()}, str(resume_from))
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        # the recipe governs lr, schedule and decay, so overrides given with resume= take effect;
+        # with an unchanged recipe this reproduces the saved scheduler state exactly
+        for group, fresh in zip(optimizer.param_groups, param_groups(model, cfg.optim)):
+            group.update(initial_lr=fresh["lr"], weight_decay=fresh["weight_decay"], betas=tuple(cfg.optim.betas),
+                         eps=cfg.optim.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.max_steps),
+                                                      last_epoch=state["step"] - 1)
         torch.set_rng_state(state["rng"])
         start_step, last_good = state["step"], resume_from
         tqdm.write(f"resumed from {resume_from} at step {start_step}")

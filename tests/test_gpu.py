@@ -1,0 +1,63 @@
+"""GPU checks (run on a CUDA machine with `pytest -m gpu`): the PyTorch WKV path and the model on CUDA
+against float64 references, and a bf16-autocast training step."""
+
+import pytest
+import torch
+
+import zoo
+from blocks.wkv import wkv4, wkv4_reference
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def rel_err(a, b):
+    return ((a.double().cpu() - b.double().cpu()).abs().max() / b.double().cpu().abs().max()).item()
+
+
+@pytest.mark.parametrize("B,T,C", [(1, 1, 1), (3, 257, 67), (2, 4096, 128)])
+def test_wkv_on_cuda_matches_fp64_reference(B, T, C):
+    g = torch.Generator().manual_seed(B * T * C)
+    w = -torch.exp(torch.randn(C, generator=g) * 2)
+    u = torch.randn(C, generator=g)
+    k = torch.randn(B, T, C, generator=g) * 3
+    v = torch.randn(B, T, C, generator=g)
+    ref, _ = wkv4_reference(w, u, k, v)
+    y, state = wkv4(*(x.cuda() for x in (w, u, k, v)))
+    assert y.is_cuda and state[0].is_cuda
+    assert rel_err(y, ref) < 1e-4
+
+
+def test_model_on_cuda_matches_cpu_fp64():
+    torch.manual_seed(0)
+    model = zoo.create_model("rwkv4-tiny", n_layer=2, n_embd=64).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    idx = torch.randint(0, 256, (2, 300))
+    with torch.no_grad():
+        ref = model(idx)
+        gpu = model.float().cuda()(idx.cuda())
+        state = model.init_state(2)
+        rnn = []
+        for t in range(20):
+            logits, state = model.forward_rnn(idx[:, t].cuda(), state)
+            rnn.append(logits)
+    assert rel_err(gpu, ref) < 1e-5
+    assert rel_err(torch.stack(rnn, 1), ref[:, :20]) < 1e-5
+
+
+def test_bf16_autocast_training_step():
+    model = zoo.create_model("rwkv4-tiny").cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    idx = torch.randint(0, 256, (4, 129), device="cuda")
+    losses = []
+    for _ in range(5):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(idx[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
