@@ -115,15 +115,7 @@ def test_jsonl_record_without_the_text_key_names_file_and_line(corpus, tmp_path)
     assert f"{broken}:3" in error.value.args[0] and "'text'" in error.value.args[0]
 
 
-@pytest.fixture
-def restore_torch_threads():
-    """Training with threads=1 sets torch's thread count; give other tests theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_training_reads_a_shard_directory(corpus, tmp_path, restore_torch_threads):
+def test_training_reads_a_shard_directory(corpus, tmp_path):
     root, _ = corpus
     shards = tmp_path / "shards"
     meta = pack_text(root, shards, "byte", val_percent=30, shard_tokens=1000)

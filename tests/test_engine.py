@@ -22,14 +22,6 @@ RECIPE = "lm/rwkv4-tiny-stdlib"
 STATE_FILES = {"model.safetensors", "config.json", "trainer_state.pt"}
 
 
-@pytest.fixture(autouse=True)
-def restore_torch_threads():
-    """The engine sets torch's thread count (threads=1 below); give other tests theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def text_dir(tmp_path_factory) -> Path:
     """A small folder of pseudo-English text files, enough for a 30% by-file validation split."""

@@ -15,6 +15,7 @@ from blocks import GPTBlock
 
 from ..registry import register_model
 from ._validate import check_tokens
+from .rwkv4 import PAPER_SIZES
 
 __all__ = ["GPTConfig", "GPTLM"]
 
@@ -76,10 +77,6 @@ def _register(name: str, **cfg) -> None:
     register_model(name, GPTLM, GPTConfig(**cfg), family="language", paper=PAPER)
 
 
-_register("gpt-169m", n_layer=12, n_embd=768)
-_register("gpt-430m", n_layer=24, n_embd=1024)
-_register("gpt-1b5", n_layer=24, n_embd=2048)
-_register("gpt-3b", n_layer=32, n_embd=2560)
-_register("gpt-7b", n_layer=32, n_embd=4096)
-_register("gpt-14b", n_layer=40, n_embd=5120)
+for _size, (_layers, _width) in PAPER_SIZES.items():
+    _register(f"gpt-{_size}", n_layer=_layers, n_embd=_width)
 _register("gpt-tiny", vocab_size=256, n_layer=4, n_embd=128, n_head=4, ctx_len=256, tokenizer="byte")

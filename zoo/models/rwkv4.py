@@ -148,12 +148,11 @@ def _register(name: str, **cfg) -> None:
     register_model(name, RWKV4LM, RWKV4Config(**cfg), family="language", paper=PAPER)
 
 
-# Table 2 of the paper (vocab 50277, the GPT-NeoX 20B tokenizer of the Pile models).
-_register("rwkv4-169m", n_layer=12, n_embd=768)
-_register("rwkv4-430m", n_layer=24, n_embd=1024)
-_register("rwkv4-1b5", n_layer=24, n_embd=2048)
-_register("rwkv4-3b", n_layer=32, n_embd=2560)
-_register("rwkv4-7b", n_layer=32, n_embd=4096)
-_register("rwkv4-14b", n_layer=40, n_embd=5120)
+PAPER_SIZES = {"169m": (12, 768), "430m": (24, 1024), "1b5": (24, 2048), "3b": (32, 2560), "7b": (32, 4096),
+               "14b": (40, 5120)}
+"""Table 2 of the paper: (n_layer, n_embd) per size; vocab 50277, the GPT-NeoX 20B tokenizer of the Pile models."""
+
+for _size, (_layers, _width) in PAPER_SIZES.items():
+    _register(f"rwkv4-{_size}", n_layer=_layers, n_embd=_width)
 # Byte-level model for tests and the CPU demo.
 _register("rwkv4-tiny", vocab_size=256, n_layer=4, n_embd=128, ctx_len=256, tokenizer="byte")
