@@ -10,8 +10,9 @@ aa = sum_{i<=t} e^{(t-i)w + k_i - pp} v_i and bb the same without v_i: pp is a r
 maximum of the exponents, so nothing overflows (RWKV paper, arXiv 2305.13048, eq. 19-23).
 An empty state is aa = bb = 0, pp = -1e38.
 
-`wkv4` is the op every layer calls. A CUDA kernel (cuda/) plugs in here; until one is
-registered, every device runs the PyTorch paths below and the path that ran is logged once.
+`wkv4` is the op every layer calls: CUDA tensors of the kernel dtypes go to the kernel of
+cuda/wkv4.cu (blocks/wkv_cuda.py), everything else to the PyTorch paths below. The path that ran
+is logged once per device type (`zoo -v`, or logging at INFO).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from . import wkv_cuda
 
 __all__ = ["WKV4State", "wkv4", "wkv4_init_state", "wkv4_reference", "wkv4_step", "wkv4_chunked"]
 
@@ -153,7 +156,7 @@ _logged_paths: set[tuple[str, str]] = set()
 
 def _log_path(path: str, device: torch.device) -> None:
     key = (path, device.type)
-    if key not in _logged_paths:
+    if key not in _logged_paths and not torch.compiler.is_compiling():
         _logged_paths.add(key)
         log.info("wkv4 on %s: using the %s path", device.type, path)
 
@@ -166,6 +169,12 @@ def wkv4(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKV4State | None = N
     all inputs, the incoming state included.
     """
     _check(w, u, k, v, state)
+    if k.is_cuda and k.dtype in wkv_cuda.KERNEL_DTYPES and v.dtype == k.dtype and wkv_cuda.available():
+        _log_path("cuda-kernel", k.device)
+        if state is None:
+            state = wkv4_init_state(k.shape[0], k.shape[2], k.device)
+        y, aa, bb, pp = torch.ops.zoo.wkv4_forward(w, u, k, v, *state)
+        return y, (aa, bb, pp)
     if k.shape[1] == 1:
         _log_path("torch-step", k.device)
         dt = _compute_dtype(k, v)

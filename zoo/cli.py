@@ -34,6 +34,15 @@ def _cmd_list(args) -> None:
 def _cmd_info(args) -> None:
     from . import model_info
 
+    if args.kernels:
+        from blocks import wkv_cuda
+
+        print(f"wkv4 on CUDA tensors: {wkv_cuda.status()}")
+        print("wkv4 on other devices: PyTorch chunked path (torch-step for single tokens)")
+        if args.name is None:
+            return
+    if args.name is None:
+        raise SystemExit("zoo info: give a model NAME (or --kernels)")
     info = model_info(args.name)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -76,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="show a model's family, size, shapes and paper",
                        description="Show a registered model's family, parameter count, config, shapes, paper.")
-    p.add_argument("name")
+    p.add_argument("name", nargs="?")
     p.add_argument("--json", action="store_true", help="print the info as JSON")
+    p.add_argument("--kernels", action="store_true", help="report which WKV path is active and why")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("generate", help="sample text from a model", description="Stream sampled text from a "
