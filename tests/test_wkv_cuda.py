@@ -42,7 +42,9 @@ def kernel_forward(w, u, k, v, state=None):
     return y, new_state
 
 
-@pytest.mark.parametrize("B,T,C", [(1, 1, 1), (1, 1, 1000), (2, 3, 1), (3, 100, 7), (1, 65537, 4), (2, 4096, 256)])
+# C = 1000 and 256 take the 4-channel vector path, 6 the 2-channel one, 1 and 7 the scalar one
+@pytest.mark.parametrize("B,T,C", [(1, 1, 1), (1, 1, 1000), (2, 3, 1), (3, 100, 7), (2, 50, 6), (1, 65537, 4),
+                                   (2, 4096, 256)])
 def test_forward_fp32(B, T, C):
     w, u, k, v = inputs(B, T, C)
     ref, ref_state = wkv4_reference(w, u, k, v)
@@ -52,9 +54,10 @@ def test_forward_fp32(B, T, C):
     assert rel_err(state[1].log() + state[2], (ref_state[1].log() + ref_state[2])) <= 1e-5
 
 
+@pytest.mark.parametrize("C", [96, 34, 33])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_forward_half(dtype):
-    w, u, k, v = inputs(2, 777, 96, dtype, k_scale=1.0)
+def test_forward_half(dtype, C):
+    w, u, k, v = inputs(2, 777, C, dtype, k_scale=1.0)
     ref, _ = wkv4_reference(w, u, k, v)
     y, state = kernel_forward(w, u, k, v)
     assert y.dtype == dtype and state[0].dtype == torch.float32
