@@ -34,3 +34,24 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     lm.add_argument("--ctx-len", type=int, default=256)
     lm.add_argument("--device", default="cpu")
     lm.set_defaults(func=_cmd_eval_lm)
+
+
+def _cmd_bench_kernels(args) -> None:
+    from .bench import bench_kernels
+
+    try:
+        bench_kernels(args.json, args.official_sources)
+    except RuntimeError as e:
+        sys.exit(f"zoo bench kernels: {e}")
+
+
+def add_bench_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
+    kinds = p.add_subparsers(dest="bench", required=True, metavar="KIND")
+    k = kinds.add_parser("kernels", help="WKV kernels against the official kernel, SDPA and copy bandwidth (GPU)",
+                         description="Time our WKV kernels, the official RWKV-4 kernel (from an installed "
+                                     "transformers 4.57) and torch SDPA in one process; print a table, write JSON.")
+    k.add_argument("--json", default="bench_kernels.json", help="where to write the rows")
+    k.add_argument("--official-sources", default=None,
+                   help="folder with wkv_op.cpp, wkv_cuda.cu, wkv_cuda_bf16.cu (default: the installed transformers')")
+    k.set_defaults(func=_cmd_bench_kernels)

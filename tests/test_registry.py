@@ -77,7 +77,7 @@ def test_cli_list_and_info(capsys):
 
 def test_cli_help_for_every_command(capsys):
     for command in (["--help"], ["list", "--help"], ["info", "--help"], ["generate", "--help"], ["train", "--help"],
-                    ["data", "--help"], ["data", "text", "--help"], ["eval", "--help"], ["eval", "lm", "--help"]):
+                    ["data", "--help"], ["data", "text", "--help"], ["eval", "--help"], ["eval", "lm", "--help"], ["bench", "kernels", "--help"]):
         with pytest.raises(SystemExit) as exit_info:
             main(command)
         assert exit_info.value.code == 0
