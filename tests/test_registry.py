@@ -82,3 +82,10 @@ def test_cli_help_for_every_command(capsys):
             main(command)
         assert exit_info.value.code == 0
         assert "usage: zoo" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
+def test_cli_bench_kernels_needs_a_gpu():
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "kernels"])
+    assert str(exit_info.value.code) == "zoo bench kernels: needs a CUDA GPU"
