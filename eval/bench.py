@@ -89,7 +89,11 @@ def bench_kernels(out_json: str | None = None, official_sources: str | None = No
     g = torch.Generator(device="cuda").manual_seed(0)
     decay = torch.randn(C, device="cuda", generator=g)
     w, u = -torch.exp(decay), torch.randn(C, device="cuda", generator=g)
-    heads = lambda x: x.view(B, T, C // 64, 64).transpose(1, 2)  # noqa: E731
+
+    def heads(x):
+        """[B, T, C] -> [B, C/64, T, 64], SDPA's layout."""
+        return x.view(B, T, C // 64, 64).transpose(1, 2)
+
     for dtype, backward in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
         case = f"causal {'fwd+bwd' if backward else 'fwd'} {str(dtype)[6:]} B{B} T{T} C{C}"
         k, v = (torch.randn(B, T, C, device="cuda", dtype=dtype, generator=g) for _ in range(2))
