@@ -68,13 +68,15 @@ def _register_python_rules() -> None:
     torch.library.register_autograd("zoo::wkv4_forward", backward, setup_context=setup_context)
 
 
+def _forced_reference() -> bool:
+    return os.environ.get(FORCE_REFERENCE_ENV, "") not in ("", "0")
+
+
 def available() -> bool:
     """True when the CUDA kernels are built and loaded (building them on the first call)."""
     if torch.compiler.is_compiling():  # decided before tracing; the check below is not traceable
         return bool(_state["loaded"])
-    if os.environ.get(FORCE_REFERENCE_ENV, "") not in ("", "0"):
-        return False
-    if not torch.cuda.is_available():
+    if _forced_reference() or not torch.cuda.is_available():
         return False
     with _lock:
         if not _state["loaded"] and _state["error"] is None:
@@ -90,7 +92,7 @@ def available() -> bool:
 
 def status() -> str:
     """Which WKV path serves CUDA tensors, and why."""
-    if os.environ.get(FORCE_REFERENCE_ENV, "") not in ("", "0"):
+    if _forced_reference():
         return f"PyTorch reference: forced by {FORCE_REFERENCE_ENV}={os.environ[FORCE_REFERENCE_ENV]}"
     if not torch.cuda.is_available():
         return "PyTorch reference: no CUDA device"

@@ -26,6 +26,7 @@ from .config import DataConfig
 __all__ = ["DataError", "TokenData", "stdlib_files", "text_files", "split_files", "tokenize_files", "pack_text",
            "load_lm_data", "evaluate_lm"]
 
+
 class DataError(ValueError):
     """A data source that cannot serve the run as configured (wrong tokenizer, too short, unknown kind)."""
 
