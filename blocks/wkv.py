@@ -11,7 +11,7 @@ maximum of the exponents, so nothing overflows (RWKV paper, arXiv 2305.13048, eq
 An empty state is aa = bb = 0, pp = -1e38.
 
 `wkv4` is the op every layer calls: CUDA tensors of the kernel dtypes go to the kernel of
-cuda/wkv4.cu (blocks/wkv_cuda.py), everything else to the PyTorch paths below. The path that ran
+cuda/wkv.cu (blocks/wkv_cuda.py), everything else to the PyTorch paths below. The path that ran
 is logged once per device type (`zoo -v`, or logging at INFO).
 """
 
@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import wkv_cuda
 
-__all__ = ["WKV4State", "wkv4", "wkv4_init_state", "wkv4_reference", "wkv4_step", "wkv4_chunked"]
+__all__ = ["WKV4State", "wkv4", "wkv4_absorb", "wkv4_init_state", "wkv4_reference", "wkv4_step", "wkv4_chunked"]
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,16 @@ def wkv4_step(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKV4State) -> t
     p = torch.maximum(pp, ww)
     e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
     y = (e1 * aa + e2 * v) / (e1 * bb + e2)
+    return y, wkv4_absorb(w, k, v, state)
+
+
+def wkv4_absorb(w: Tensor, k: Tensor, v: Tensor, state: WKV4State) -> WKV4State:
+    """The state one token later: e^pp (aa, bb) <- e^w e^pp (aa, bb) + e^k (v, 1), pp the new maximum."""
+    aa, bb, pp = state
     ww = pp + w
     p = torch.maximum(ww, k)
     e1, e2 = torch.exp(ww - p), torch.exp(k - p)
-    return y, (e1 * aa + e2 * v, e1 * bb + e2, p)
+    return e1 * aa + e2 * v, e1 * bb + e2, p
 
 
 def wkv4_reference(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKV4State | None = None):
@@ -128,59 +134,60 @@ def wkv4_chunked(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKV4State | 
     return y.to(v.dtype), (aa, bb, pp)
 
 
-def _check(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKV4State | None) -> None:
+def _check(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKV4State | None = None, op: str = "wkv4") -> None:
+    """Clear errors for bad shapes, dtypes and devices, before any kernel sees them."""
     if k.dim() != 3 or k.shape != v.shape:
-        raise ValueError(f"wkv4: k and v must both be [B, T, C]; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(f"{op}: k and v must both be [B, T, C]; got k {tuple(k.shape)}, v {tuple(v.shape)}")
     B, T, C = k.shape
     if T < 1:
-        raise ValueError("wkv4: sequence length must be >= 1")
+        raise ValueError(f"{op}: sequence length must be >= 1")
     if w.shape != (C,) or u.shape != (C,):
-        raise ValueError(f"wkv4: w and u must be [C={C}]; got w {tuple(w.shape)}, u {tuple(u.shape)}")
+        raise ValueError(f"{op}: w and u must be [C={C}]; got w {tuple(w.shape)}, u {tuple(u.shape)}")
     for name, x in (("w", w), ("u", u), ("k", k), ("v", v)):
         if not x.is_floating_point():
-            raise TypeError(f"wkv4: {name} must be a floating-point tensor, got {x.dtype}")
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {x.dtype}")
         if x.device != k.device:
-            raise ValueError(f"wkv4: {name} is on {x.device} but k is on {k.device}")
+            raise ValueError(f"{op}: {name} is on {x.device} but k is on {k.device}")
     if state is not None:
         if len(state) != 3:
-            raise ValueError("wkv4: state must be a tuple (aa, bb, pp)")
+            raise ValueError(f"{op}: state must be a tuple (aa, bb, pp)")
         for name, s in zip(("aa", "bb", "pp"), state):
             if s.shape != (B, C):
-                raise ValueError(f"wkv4: state {name} must be [B={B}, C={C}], got {tuple(s.shape)}")
+                raise ValueError(f"{op}: state {name} must be [B={B}, C={C}], got {tuple(s.shape)}")
             if s.device != k.device:
-                raise ValueError(f"wkv4: state {name} is on {s.device} but k is on {k.device}")
+                raise ValueError(f"{op}: state {name} is on {s.device} but k is on {k.device}")
 
 
-_logged_paths: set[tuple[str, str]] = set()
+_logged_paths: set[tuple[str, str, str]] = set()
 
 
-def _log_path(path: str, device: torch.device) -> None:
-    key = (path, device.type)
+def _log_path(op: str, path: str, device: torch.device) -> None:
+    key = (op, path, device.type)
     if key not in _logged_paths and not torch.compiler.is_compiling():
         _logged_paths.add(key)
-        log.info("wkv4 on %s: using the %s path", device.type, path)
+        log.info("%s on %s: using the %s path", op, device.type, path)
 
 
 def wkv4(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKV4State | None = None) -> tuple[Tensor, WKV4State]:
     """WKV of RWKV-4. w (negative decay), u: [C]; k, v: [B, T, C]; state: (aa, bb, pp) [B, C].
 
     Arithmetic is float32 (float64 for float64 inputs). Returns (wkv [B, T, C] in v's dtype,
-    the state after the last token in the arithmetic dtype). Differentiable in
-    all inputs, the incoming state included.
+    the state after the last token in the arithmetic dtype). Differentiable in all inputs, the
+    incoming state included; pp counts as a normalisation (the state stands for e^pp (aa, bb)).
     """
     _check(w, u, k, v, state)
-    if k.is_cuda and k.dtype in wkv_cuda.KERNEL_DTYPES and v.dtype == k.dtype and wkv_cuda.available():
-        _log_path("cuda-kernel", k.device)
+    if wkv_cuda.serves(k, v):
+        _log_path("wkv4", "cuda-kernel", k.device)
         if state is None:
             state = wkv4_init_state(k.shape[0], k.shape[2], k.device)
         y, aa, bb, pp = torch.ops.zoo.wkv4_forward(w, u, k, v, *state)
         return y, (aa, bb, pp)
     if k.shape[1] == 1:
-        _log_path("torch-step", k.device)
+        _log_path("wkv4", "torch-step", k.device)
         dt = _compute_dtype(k, v)
         B, _, C = k.shape
         init = wkv4_init_state(B, C, k.device, dt) if state is None else tuple(s.to(dt) for s in state)
         y, new_state = wkv4_step(w.to(dt), u.to(dt), k[:, 0].to(dt), v[:, 0].to(dt), init)
         return y[:, None].to(v.dtype), new_state
-    _log_path("torch-chunked", k.device)
+    _log_path("wkv4", "torch-chunked", k.device)
     return wkv4_chunked(w, u, k, v, state)

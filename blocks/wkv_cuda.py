@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "status", "SOURCES", "FORCE_REFERENCE_ENV", "KERNEL_DTYPES"]
+__all__ = ["available", "serves", "status", "SOURCES", "FORCE_REFERENCE_ENV", "KERNEL_DTYPES"]
 
 log = logging.getLogger(__name__)
 
 FORCE_REFERENCE_ENV = "ZOO_WKV_REFERENCE"
-SOURCES = [Path(__file__).resolve().parent.parent / "cuda" / "wkv4.cu"]
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SOURCES = [Path(__file__).resolve().parent.parent / "cuda" / "wkv.cu"]
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": False, "error": None}
@@ -47,25 +47,57 @@ def _build() -> None:
 
 
 def _register_python_rules() -> None:
-    from .wkv import _log_path, wkv4_chunked
+    """Fake (meta) implementations, for torch.compile, and autograd rules pairing each forward with its backward."""
 
     @torch.library.register_fake("zoo::wkv4_forward")
     def _(w, u, k, v, aa, bb, pp):
-        state = torch.empty(aa.shape, dtype=torch.float32, device=k.device)
+        state = torch.empty(aa.shape, dtype=_arithmetic_dtype(k), device=k.device)
         return torch.empty_like(k), state, torch.empty_like(state), torch.empty_like(state)
 
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+    @torch.library.register_fake("zoo::wkv4_backward")
+    def _(w, u, k, v, aa, bb, pp, pp_out, gy, gaa, gbb):
+        wu = torch.empty(w.shape, dtype=_arithmetic_dtype(k), device=k.device)
+        state = torch.empty(aa.shape, dtype=_arithmetic_dtype(k), device=k.device)
+        return (wu, torch.empty_like(wu), torch.empty_like(k), torch.empty_like(v), state, torch.empty_like(state),
+                torch.empty_like(state))
 
-    def backward(ctx, grad_y, grad_aa, grad_bb, grad_pp):
-        """Recomputes the forward with the chunked PyTorch path and differentiates that (no backward kernel yet)."""
-        _log_path("torch-chunked recompute (backward of the CUDA forward)", grad_y.device)
-        inputs = [x.detach().requires_grad_() for x in ctx.saved_tensors]
-        with torch.enable_grad():
-            y, state = wkv4_chunked(*inputs[:4], tuple(inputs[4:]))
-            return torch.autograd.grad([y, *state], inputs, [grad_y, grad_aa, grad_bb, grad_pp], allow_unused=True)
+    @torch.library.register_fake("zoo::biwkv_forward")
+    def _(w, u, k, v):
+        return torch.empty_like(k), torch.empty(k.shape, dtype=_arithmetic_dtype(k), device=k.device)
 
-    torch.library.register_autograd("zoo::wkv4_forward", backward, setup_context=setup_context)
+    @torch.library.register_fake("zoo::biwkv_backward")
+    def _(w, u, k, v, y, lse, gy):
+        wu = torch.empty(w.shape, dtype=_arithmetic_dtype(k), device=k.device)
+        return wu, torch.empty_like(wu), torch.empty_like(k), torch.empty_like(v)
+
+    def wkv4_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, output[3])
+
+    def wkv4_backward(ctx, gy, gaa, gbb, gpp):
+        """gpp is not used: pp is a normalisation (see wkv4_backward in cuda/wkv.cu)."""
+        w, u, k, v, aa, bb, pp, pp_out = ctx.saved_tensors
+        gy = torch.zeros_like(k) if gy is None else gy.to(k.dtype)
+        gaa = torch.zeros_like(aa) if gaa is None else gaa
+        gbb = torch.zeros_like(bb) if gbb is None else gbb
+        gw, gu, gk, gv, g_aa, g_bb, g_pp = torch.ops.zoo.wkv4_backward(w, u, k, v, aa, bb, pp, pp_out, gy, gaa, gbb)
+        return (gw.to(w.dtype), gu.to(u.dtype), gk, gv, g_aa.to(aa.dtype), g_bb.to(bb.dtype), g_pp.to(pp.dtype))
+
+    def biwkv_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, *output)
+
+    def biwkv_backward(ctx, gy, _glse):
+        """lse (log of each denominator) is saved for this backward and has no gradient of its own."""
+        w, u, k, v, y, lse = ctx.saved_tensors
+        gw, gu, gk, gv = torch.ops.zoo.biwkv_backward(w, u, k, v, y, lse, gy.to(k.dtype))
+        return gw.to(w.dtype), gu.to(u.dtype), gk, gv
+
+    torch.library.register_autograd("zoo::wkv4_forward", wkv4_backward, setup_context=wkv4_setup)
+    torch.library.register_autograd("zoo::biwkv_forward", biwkv_backward, setup_context=biwkv_setup)
+
+
+def _arithmetic_dtype(k: torch.Tensor) -> torch.dtype:
+    """The kernels compute in float64 for float64 inputs and in float32 otherwise."""
+    return torch.float64 if k.dtype == torch.float64 else torch.float32
 
 
 def _forced_reference() -> bool:
@@ -90,6 +122,13 @@ def available() -> bool:
     return bool(_state["loaded"])
 
 
+def serves(*tokens: torch.Tensor) -> bool:
+    """True when the kernels take these [B, T, C] tensors: CUDA, one kernel dtype, kernels available."""
+    first = tokens[0]
+    return (first.is_cuda and first.dtype in KERNEL_DTYPES and all(x.dtype == first.dtype for x in tokens)
+            and available())
+
+
 def status() -> str:
     """Which WKV path serves CUDA tensors, and why."""
     if _forced_reference():
@@ -98,6 +137,6 @@ def status() -> str:
         return "PyTorch reference: no CUDA device"
     if available():
         arch = "sm_{}{}".format(*torch.cuda.get_device_capability())
-        return (f"CUDA kernel zoo::wkv4_forward built for {arch} ({', '.join(str(d) for d in KERNEL_DTYPES)}; "
-                "backward recomputes with the PyTorch chunked path)")
+        ops = "wkv4_forward/backward, biwkv_forward/backward"
+        return f"CUDA kernels zoo::{{{ops}}} built for {arch} ({', '.join(str(d)[6:] for d in KERNEL_DTYPES)})"
     return f"PyTorch reference: the kernel build failed ({str(_state['error']).splitlines()[0]})"

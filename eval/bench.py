@@ -1,11 +1,11 @@
 """`zoo bench kernels`: WKV kernels against their anchors, in one process, on one GPU.
 
-Rows: device-to-device copy (the bandwidth ceiling), our kernels, the official RWKV-4 kernel built
-from the `kernels/rwkv/` sources of an installed transformers 4.57 (or a folder given with
---official-sources; never copied into this repo), and torch SDPA flash attention (causal) at the
-matching size (heads of 64 channels). Times are medians of CUDA-event timings; the byte floor counts
-each tensor that must be read or written once (forward: k, v, wkv; backward adds k, v, wkv, d_wkv
-read and d_k, d_v written), over the measured copy bandwidth.
+Rows: device-to-device copy (the bandwidth ceiling), our kernels (causal WKV-4 and Bi-WKV), the official
+RWKV-4 kernel built from the `kernels/rwkv/` sources of an installed transformers 4.57 (or a folder given
+with --official-sources; never copied into this repo), and torch SDPA flash attention at the matching
+size (bf16, heads of 64 channels; causal for the causal cases, full for Bi-WKV). Times are medians of
+CUDA-event timings; the byte floor counts each tensor that must be read or written once (forward: k, v,
+wkv; backward adds k, v, wkv, d_wkv read and d_k, d_v written), over the measured copy bandwidth.
 """
 
 from __future__ import annotations
@@ -13,17 +13,36 @@ from __future__ import annotations
 import importlib.util
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from blocks import wkv_cuda
+from blocks.biwkv import biwkv
 from blocks.wkv import wkv4
 
-__all__ = ["bench_kernels", "time_ms", "official_kernel"]
+__all__ = ["bench_kernels", "time_ms", "official_kernel", "CASES"]
 
-CAUSAL_SHAPE = (8, 4096, 2048)
+
+@dataclass(frozen=True)
+class Case:
+    op: str  # "causal" or "bi"
+    dtype: torch.dtype
+    backward: bool
+    shape: tuple[int, int, int]
+
+    @property
+    def name(self) -> str:
+        B, T, C = self.shape
+        return f"{self.op} {'fwd+bwd' if self.backward else 'fwd'} {str(self.dtype)[6:]} B{B} T{T} C{C}"
+
+
+CASES = (Case("causal", torch.float32, False, (8, 4096, 2048)), Case("causal", torch.bfloat16, False, (8, 4096, 2048)),
+         Case("causal", torch.bfloat16, True, (8, 4096, 2048)), Case("bi", torch.float32, False, (1, 16384, 768)),
+         Case("bi", torch.bfloat16, True, (4, 16384, 768)))
+"""The sizes of issue 3's targets."""
 
 
 def time_ms(fn, warmup: int = 3, reps: int = 10, calls: int = 10) -> float:
@@ -69,6 +88,12 @@ def _copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / (time_ms(lambda: dst.copy_(src)) * 1e-3)
 
 
+def _fwd_bwd(fn, inputs, grad_out):
+    """fn(*inputs) and the gradients of its output against grad_out, as one callable."""
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    return lambda: torch.autograd.grad(fn(*leaves), leaves, grad_out)
+
+
 def bench_kernels(out_json: str | None = None, official_sources: str | None = None) -> list[dict]:
     """Run every row, print the table, write JSON; returns the rows."""
     if not torch.cuda.is_available():
@@ -76,74 +101,73 @@ def bench_kernels(out_json: str | None = None, official_sources: str | None = No
     if not wkv_cuda.available():
         raise RuntimeError(f"our kernels are not available: {wkv_cuda.status()}")
     bandwidth = _copy_bandwidth()
-    B, T, C = CAUSAL_SHAPE
     sources = _official_sources(official_sources)
-    official = official_kernel(sources, T) if sources else None
+    official_len = max(case.shape[1] for case in CASES if case.op == "causal")
+    official = official_kernel(sources, official_len) if sources else None
     rows: list[dict] = []
-
-    def add(case, impl, ms, floor_bytes):
-        rows.append({"case": case, "impl": impl, "ms": ms, "GB/s": floor_bytes / ms / 1e6,
-                     "pct_copy_bw": 100 * floor_bytes / (ms * 1e-3) / bandwidth,
-                     "floor_ms": floor_bytes / bandwidth * 1e3})
-
     g = torch.Generator(device="cuda").manual_seed(0)
-    decay = torch.randn(C, device="cuda", generator=g)
-    w, u = -torch.exp(decay), torch.randn(C, device="cuda", generator=g)
 
-    def heads(x):
-        """[B, T, C] -> [B, C/64, T, 64], SDPA's layout."""
-        return x.view(B, T, C // 64, 64).transpose(1, 2)
+    for case in CASES:
+        B, T, C = case.shape
+        floor = (9 if case.backward else 3) * B * T * C * case.dtype.itemsize
 
-    for dtype, backward in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
-        case = f"causal {'fwd+bwd' if backward else 'fwd'} {str(dtype)[6:]} B{B} T{T} C{C}"
-        k, v = (torch.randn(B, T, C, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+        def add(impl, fn):
+            ms = time_ms(fn)
+            rows.append({"case": case.name, "impl": impl, "ms": ms, "GB/s": floor / ms / 1e6,
+                         "pct_copy_bw": 100 * floor / (ms * 1e-3) / bandwidth, "floor_ms": floor / bandwidth * 1e3})
+
+        k, v = (torch.randn(B, T, C, device="cuda", dtype=case.dtype, generator=g) for _ in range(2))
+        if case.op == "causal":
+            w, u = -torch.exp(torch.randn(C, device="cuda", generator=g)), torch.randn(C, device="cuda", generator=g)
+            ours = lambda *x: wkv4(*x)[0]  # noqa: E731
+        else:
+            w, u = (torch.randn(C, device="cuda", generator=g) * 4 / T for _ in range(2))
+            ours = biwkv
         gy = torch.randn_like(k)
-        floor = (9 if backward else 3) * k.numel() * k.element_size()
-        if backward:
-            kg, vg, wg, ug = (x.detach().requires_grad_() for x in (k, v, w, u))
-            add(case, "ours (backward: PyTorch recompute)", time_ms(   # ~0.7 s a call: few samples
-                lambda: torch.autograd.grad(wkv4(wg, ug, kg, vg)[0], (wg, ug, kg, vg), gy), warmup=1, reps=3, calls=1),
-                floor)
-        else:
-            add(case, "ours", time_ms(lambda: wkv4(w, u, k, v)), floor)
-        if official is not None:
-            y = torch.empty_like(k)
-            u_in = u.to(dtype)
-            forward = official.forward_bf16 if dtype == torch.bfloat16 else official.forward
-            if backward:
-                gw, gu = (torch.empty(B, C, device="cuda", dtype=dtype) for _ in range(2))
-                gk, gv = torch.empty_like(k), torch.empty_like(k)
-                backward_fn = official.backward_bf16 if dtype == torch.bfloat16 else official.backward
-
-                def official_fwd_bwd():
-                    forward(w, u_in, k, v, y)
-                    backward_fn(w, u_in, k, v, y, gy, gw, gu, gk, gv)
-
-                add(case, "official (transformers 4.57 kernels/rwkv)", time_ms(official_fwd_bwd), floor)
-            else:
-                add(case, "official (transformers 4.57 kernels/rwkv)", time_ms(lambda: forward(w, u_in, k, v, y)), floor)
+        add("ours", _fwd_bwd(ours, (w, u, k, v), gy) if case.backward else lambda: ours(w, u, k, v))
+        if case.op == "causal" and official is not None:
+            add("official (transformers 4.57 kernels/rwkv)", _official_call(official, case, w, u, k, v, gy))
         q, kk, vv = (heads(torch.randn(B, T, C, device="cuda", dtype=torch.bfloat16, generator=g)) for _ in range(3))
-        if backward:
-            q, kk, vv = (x.requires_grad_() for x in (q, kk, vv))
-            go = torch.randn_like(q)
-            add(case, "torch SDPA causal (bf16)", time_ms(
-                lambda: torch.autograd.grad(F.scaled_dot_product_attention(q, kk, vv, is_causal=True), (q, kk, vv),
-                                            go)), floor)
-        else:
-            add(case, "torch SDPA causal (bf16)", time_ms(
-                lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=True)), floor)
+        sdpa = lambda *x: F.scaled_dot_product_attention(*x, is_causal=case.op == "causal")  # noqa: E731
+        add(f"torch SDPA {'causal' if case.op == 'causal' else 'full'} (bf16)",
+            _fwd_bwd(sdpa, (q, kk, vv), torch.randn_like(q)) if case.backward else lambda: sdpa(q, kk, vv))
         del k, v, gy, q, kk, vv
         torch.cuda.empty_cache()
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     print(f"official kernel: {sources if official is not None else 'not found (install the oracles extra)'}")
-    print(f"{'case':<40} {'impl':<42} {'ms':>7} {'floor':>7} {'GB/s':>7} {'%copy':>6} {'t/t_ours':>8}")
+    print(f"{'case':<36} {'impl':<42} {'ms':>7} {'floor':>7} {'GB/s':>7} {'%copy':>6} {'t/t_ours':>8}")
     for row in rows:
-        ours = next(r for r in rows if r["case"] == row["case"] and r["impl"].startswith("ours"))
-        row["ours_speedup"] = row["ms"] / ours["ms"]
-        print(f"{row['case']:<40} {row['impl']:<42} {row['ms']:>7.3f} {row['floor_ms']:>7.3f} {row['GB/s']:>7.0f} "
+        ours_ms = next(r["ms"] for r in rows if r["case"] == row["case"] and r["impl"] == "ours")
+        row["ours_speedup"] = row["ms"] / ours_ms
+        print(f"{row['case']:<36} {row['impl']:<42} {row['ms']:>7.3f} {row['floor_ms']:>7.3f} {row['GB/s']:>7.0f} "
               f"{row['pct_copy_bw']:>5.0f}% {row['ours_speedup']:>7.2f}x")
     if out_json:
         Path(out_json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                               "copy_bandwidth": bandwidth, "rows": rows}, indent=2) + "\n")
     return rows
+
+
+def heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, C] -> [B, C/64, T, 64], SDPA's layout."""
+    B, T, C = x.shape
+    return x.view(B, T, C // 64, 64).transpose(1, 2)
+
+
+def _official_call(official, case: Case, w, u, k, v, gy):
+    """The official kernel's forward (and backward) on the case's tensors; it takes u in k's dtype."""
+    bf16 = case.dtype == torch.bfloat16
+    forward = official.forward_bf16 if bf16 else official.forward
+    y, u_in = torch.empty_like(k), u.to(case.dtype)
+    if not case.backward:
+        return lambda: forward(w, u_in, k, v, y)
+    backward = official.backward_bf16 if bf16 else official.backward
+    B, _, C = case.shape
+    gw, gu = (torch.empty(B, C, device="cuda", dtype=case.dtype) for _ in range(2))
+    gk, gv = torch.empty_like(k), torch.empty_like(k)
+
+    def fwd_bwd():
+        forward(w, u_in, k, v, y)
+        backward(w, u_in, k, v, y, gy, gw, gu, gk, gv)
+
+    return fwd_bwd

@@ -37,8 +37,9 @@ def _cmd_info(args) -> None:
     if args.kernels:
         from blocks import wkv_cuda
 
-        print(f"wkv4 on CUDA tensors: {wkv_cuda.status()}")
+        print(f"wkv4 and biwkv on CUDA tensors: {wkv_cuda.status()}")
         print("wkv4 on other devices: PyTorch chunked path (torch-step for single tokens)")
+        print("biwkv on other devices: PyTorch parallel path (the formula in blocks of query rows)")
         if args.name is None:
             return
     if args.name is None:

@@ -1,0 +1,882 @@
+// WKV on CUDA: the causal WKV of RWKV-4 and the bidirectional Bi-WKV of Vision-RWKV, forward and backward,
+// as chunked scans (parallel over batch x chunks of T x channels, not only over batch x channels).
+//
+// Causal (float64 reference: blocks/wkv.py), w < 0 the per-step decay, u the bonus:
+//   wkv_t = (sum_{i<t} e^{(t-1-i)w + k_i} v_i + e^{u+k_t} v_t) / (sum_{i<t} e^{(t-1-i)w + k_i} + e^{u+k_t})
+// Bidirectional (float64 reference: blocks/biwkv.py), w and u already divided by T, w of any sign:
+//   wkv_t = (sum_{i!=t} e^{-(|t-i|-1)w + k_i} v_i + e^{u+k_t} v_t) / (the same with v = 1)
+// i.e. a causal sum from the left plus its mirror from the right, both with the step factor e^{-w}.
+//
+// Every sum of the form S_n = sum_{i<=n} e^{(n-i)w + x_i} (va_i, vb_i) lives in a Decayed: (a, b) scaled by
+// e^m, m the largest exponent, so nothing overflows; (da, db) is the same sum weighted by the distance n-i,
+// which the gradient of w needs. Sums over consecutive chunks combine exactly (Decayed::then), so each
+// direction takes three kinds of launch:
+//   summaries: each chunk's sums from an empty start (one thread per batch, chunk, channel);
+//   scans:     the sums entering every chunk, from the left or the right (one thread per batch, channel);
+//   outputs:   each chunk replays its tokens from its entering sums. A pass that needs sums from both sides
+//              walks register tiles of kSub tokens, last tile first: forward through the tile, keeping the
+//              per-token values in registers, then backward through it.
+// Gradients are the same sums run the other way. With alpha_t = dL/dwkv_t / den_t and beta_t = -alpha_t wkv_t,
+// the causal case has dL/dv_i = e^{k_i} sum_{t>i} e^{(t-1-i)w} alpha_t plus the bonus term; alpha_t carries
+// e^{-P_t}, P_t the largest exponent in den_t, and k_i + (t-1-i)w <= P_t keeps every product <= 1.
+// Inputs are fp32, bf16 or fp16 (fp32 arithmetic) or fp64 (fp64 arithmetic, for gradcheck). Any B, T, C >= 1.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <type_traits>
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMinChunk = 32;
+constexpr int kSub = 8;                               // tokens per register tile of the two-way passes
+constexpr int64_t kForwardThreads = 1 << 17;          // (batch, chunk, channel group) threads of the causal forward
+constexpr int64_t kTwoWayThreads = 1 << 18;           // (batch, chunk, channel) threads of the other passes
+constexpr double kEmpty = -1e38;                      // m of an empty sum
+
+template <typename scalar_t>
+using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+template <typename T>
+struct Decayed {
+  T a, b, da, db;
+  T m, n, w;  // the sum is e^{m + n w} (a, b): m its largest exponent n steps ago, w the per-step exponent
+
+  __device__ __forceinline__ static Decayed empty(T w) { return {T(0), T(0), T(0), T(0), T(kEmpty), T(0), w}; }
+
+  // The scale e^scale of (a, b). Counting steps instead of adding w to m every step keeps m from collecting a
+  // rounding error per token (with |w| << |m|, m + w rounds w by up to half an ulp of m).
+  __device__ __forceinline__ T scale() const { return m + n * w; }
+
+  // One step later, then the next token: S <- e^w S + e^x (va, vb), dS <- e^w (dS + S).
+  __device__ __forceinline__ void push(T x, T va, T vb) {
+    const T decayed = m + (n + 1) * w, top = max(decayed, x);
+    const T e1 = exp(decayed - top), e2 = exp(x - top);
+    da = e1 * (da + a);
+    db = e1 * (db + b);
+    a = e1 * a + e2 * va;
+    b = e1 * b + e2 * vb;
+    const bool rescaled = x > decayed;
+    m = rescaled ? x : m;
+    n = rescaled ? T(0) : n + 1;
+  }
+
+  // Adds e^x (va, vb) at distance d without decaying what is there: a sum seen from the chunk's other end.
+  __device__ __forceinline__ void add(T x, T d, T va, T vb) {
+    const T top = max(m, x);
+    const T e1 = exp(m - top), e2 = exp(x - top);
+    da = e1 * da + d * e2 * va;
+    db = e1 * db + d * e2 * vb;
+    a = e1 * a + e2 * va;
+    b = e1 * b + e2 * vb;
+    m = top;
+  }
+
+  // This sum `steps` steps later, followed by `next`, the sum over those steps' tokens.
+  __device__ __forceinline__ Decayed then(T steps, const Decayed& next) const {
+    const T decayed = m + (n + steps) * w, later = next.scale(), top = max(decayed, later);
+    const T e1 = exp(decayed - top), e2 = exp(later - top);
+    const bool rescaled = later > decayed;
+    return {e1 * a + e2 * next.a, e1 * b + e2 * next.b, e1 * (da + steps * a) + e2 * next.da,
+            e1 * (db + steps * b) + e2 * next.db, rescaled ? next.m : m, rescaled ? next.n : n + steps, w};
+  }
+
+  // The same sum in lane `lane - offset` of the warp (for the scan over chunks).
+  __device__ __forceinline__ Decayed from_lane_below(int offset) const {
+    constexpr unsigned kAll = 0xffffffffu;
+    return {__shfl_up_sync(kAll, a, offset), __shfl_up_sync(kAll, b, offset), __shfl_up_sync(kAll, da, offset),
+            __shfl_up_sync(kAll, db, offset), __shfl_up_sync(kAll, m, offset), __shfl_up_sync(kAll, n, offset), w};
+  }
+};
+
+// Decayed sums as five arrays (a, b, da, db, m), each indexed like a [B, rows, C] tensor.
+// kDistance = false skips da and db (loaded as 0), for sums whose distance weights nobody reads.
+template <typename T>
+struct DecayedArray {
+  T *a, *b, *da, *db, *m;
+
+  template <bool kDistance>
+  __device__ __forceinline__ Decayed<T> load(int64_t j, T w) const {
+    return {a[j], b[j], kDistance ? da[j] : T(0), kDistance ? db[j] : T(0), m[j], T(0), w};
+  }
+  template <bool kDistance>
+  __device__ __forceinline__ void store(int64_t j, const Decayed<T>& s) const {
+    a[j] = s.a;
+    b[j] = s.b;
+    m[j] = s.scale();
+    if (kDistance) {
+      da[j] = s.da;
+      db[j] = s.db;
+    }
+  }
+};
+
+template <typename T>
+struct Emitted {
+  T y, den, p;  // wkv, its denominator scaled by e^{-p}, and p
+};
+
+// wkv of token (k, v) against the sum s of the tokens before it; the bonus term e^{u+k} joins s.
+template <typename T>
+__device__ __forceinline__ Emitted<T> emit(const Decayed<T>& s, T bonus, T v) {
+  const T scale = s.scale(), p = max(scale, bonus);
+  const T e1 = exp(scale - p), e2 = exp(bonus - p);
+  const T den = e1 * s.b + e2;
+  return {(e1 * s.a + e2 * v) / den, den, p};
+}
+
+struct Layout {
+  int64_t B, T, C, L, N;  // N chunks of L tokens (the last may be shorter)
+  __device__ __forceinline__ int64_t chunk_len(int64_t n) const { return min(L, T - n * L); }
+  __host__ __device__ __forceinline__ int64_t tiles() const { return (L + kSub - 1) / kSub; }  // per chunk
+};
+
+// V consecutive channels, loaded and stored in one vector access (C % V == 0 keeps them aligned).
+template <typename scalar_t, int V>
+struct alignas(sizeof(scalar_t) * V) Pack {
+  scalar_t x[V];
+};
+
+template <typename scalar_t, int V, typename T>
+__device__ __forceinline__ void load_pack(const scalar_t* p, T (&out)[V]) {
+  const Pack<scalar_t, V> pack = *reinterpret_cast<const Pack<scalar_t, V>*>(p);
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] = static_cast<T>(pack.x[i]);
+}
+
+template <typename scalar_t, int V, typename T>
+__device__ __forceinline__ void store_pack(scalar_t* p, const T (&in)[V]) {
+  Pack<scalar_t, V> pack;
+#pragma unroll
+  for (int i = 0; i < V; ++i) pack.x[i] = static_cast<scalar_t>(in[i]);
+  *reinterpret_cast<Pack<scalar_t, V>*>(p) = pack;
+}
+
+template <typename T>
+struct Term {
+  T x, va, vb;  // a token's term e^x (va, vb)
+};
+
+// Thread idx of a (batch, chunk, channel group) launch: ((b * N) + n) * (C / V) + group.
+struct ChunkThread {
+  int64_t b, n, c0;
+  template <int V>
+  __device__ __forceinline__ static ChunkThread of(const Layout& g, int64_t idx) {
+    const int64_t groups = g.C / V;
+    return ChunkThread{idx / (groups * g.N), (idx / groups) % g.N, (idx % groups) * V};
+  }
+  __device__ __forceinline__ int64_t token_offset(const Layout& g) const { return (b * g.T + n * g.L) * g.C + c0; }
+  __device__ __forceinline__ int64_t chunk_index(const Layout& g) const { return (b * g.N + n) * g.C + c0; }
+  __device__ __forceinline__ int64_t tile_index(const Layout& g, int64_t tile) const {
+    return ((b * g.N + n) * g.tiles() + tile) * g.C + c0;
+  }
+};
+
+__device__ __forceinline__ int64_t thread_index() { return blockIdx.x * (int64_t)blockDim.x + threadIdx.x; }
+
+// ---------------------------------------------------------------------------------------------------------
+// Scans over chunks, shared by every pass.
+
+// The sums entering every chunk of one (batch, channel) from one side, walking the chunks left to right or
+// right to left: `start` is the sum before the first chunk walked, `summaries` each chunk's own sum; the sum
+// after the last chunk goes to `finish`. One warp per (batch, channel): each lane combines a run of chunks,
+// the warp scans the 32 runs with shuffles, then each lane walks its run again from the sum entering it.
+template <typename T, bool kReverse, bool kDistance>
+__global__ void chunk_scan(Layout g, const T* __restrict__ w, DecayedArray<T> start, DecayedArray<T> summaries,
+                           DecayedArray<T> entering, DecayedArray<T> finish) {
+  const int64_t row = thread_index() / 32;  // b * C + c; whole warps leave together
+  const int lane = threadIdx.x % 32;
+  if (row >= g.B * g.C) return;
+  const int64_t c = row % g.C, b = row / g.C, per_lane = (g.N + 31) / 32;
+  const int64_t first = std::min(g.N, lane * per_lane), last = std::min(g.N, first + per_lane);
+  const auto chunk = [&](int64_t i) { return kReverse ? g.N - 1 - i : i; };
+  const auto index = [&](int64_t n) { return (b * g.N + n) * g.C + c; };
+  const T wc = w[c];
+  Decayed<T> run = Decayed<T>::empty(wc);
+  T run_len = 0;
+  for (int64_t i = first; i < last; ++i) {
+    const int64_t n = chunk(i);
+    const T len = static_cast<T>(g.chunk_len(n));
+    run = run.then(len, summaries.template load<kDistance>(index(n), wc));
+    run_len += len;
+  }
+  for (int offset = 1; offset < 32; offset *= 2) {  // inclusive scan of the runs over the lanes
+    const Decayed<T> below = run.from_lane_below(offset);
+    const T below_len = __shfl_up_sync(0xffffffffu, run_len, offset);
+    if (lane >= offset) {
+      run = below.then(run_len, run);
+      run_len += below_len;
+    }
+  }
+  Decayed<T> before = run.from_lane_below(1);  // exclusive: the runs of the lanes below
+  T before_len = __shfl_up_sync(0xffffffffu, run_len, 1);
+  if (lane == 0) before = Decayed<T>::empty(wc), before_len = 0;
+  Decayed<T> s = start.template load<kDistance>(row, wc).then(before_len, before);
+  for (int64_t i = first; i < last; ++i) {
+    const int64_t n = chunk(i);
+    entering.template store<kDistance>(index(n), s);
+    s = s.then(static_cast<T>(g.chunk_len(n)), summaries.template load<kDistance>(index(n), wc));
+  }
+  if (first < last && last == g.N) finish.template store<kDistance>(row, s);
+}
+
+// Per chunk, from an empty start, for token terms e^{x_t} (va_t, vb_t): the sum pushed left to right (stored
+// at every tile start and at the end) and the sum seen from the chunk's left edge, token t at distance t.
+// terms.load(o, out) gives the terms of V channels of the token at offset o.
+template <typename T, bool kDistance, int V, typename Terms>
+__global__ void two_way_summary(Layout g, const T* __restrict__ w, Terms terms, DecayedArray<T> from_left,
+                                DecayedArray<T> from_right, DecayedArray<T> tile_starts) {
+  const int64_t idx = thread_index();
+  if (idx >= g.B * g.N * (g.C / V)) return;
+  const ChunkThread th = ChunkThread::of<V>(g, idx);
+  const int64_t base = th.token_offset(g);
+  Decayed<T> left[V], right[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) left[i] = right[i] = Decayed<T>::empty(w[th.c0 + i]);
+  for (int64_t t = 0, len = g.chunk_len(th.n); t < len; ++t) {
+    Term<T> term[V];
+    terms.load(base + t * g.C, term);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      if (t % kSub == 0) tile_starts.template store<kDistance>(th.tile_index(g, t / kSub) + i, left[i]);
+      left[i].push(term[i].x, term[i].va, term[i].vb);
+      right[i].add(static_cast<T>(t) * left[i].w + term[i].x, static_cast<T>(t), term[i].va, term[i].vb);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    from_left.template store<kDistance>(th.chunk_index(g) + i, left[i]);
+    from_right.template store<kDistance>(th.chunk_index(g) + i, right[i]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Causal forward.
+
+template <typename scalar_t, int V>
+__global__ void causal_summary(Layout g, const acc_t<scalar_t>* __restrict__ w, const scalar_t* __restrict__ k,
+                               const scalar_t* __restrict__ v, DecayedArray<acc_t<scalar_t>> summaries) {
+  using T = acc_t<scalar_t>;
+  const int64_t idx = thread_index();
+  if (idx >= g.B * g.N * (g.C / V)) return;
+  const ChunkThread th = ChunkThread::of<V>(g, idx);
+  const int64_t base = th.token_offset(g);
+  Decayed<T> s[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) s[i] = Decayed<T>::empty(w[th.c0 + i]);
+  for (int64_t t = 0, len = g.chunk_len(th.n); t < len; ++t) {
+    T kt[V], vt[V];
+    load_pack<scalar_t, V>(k + base + t * g.C, kt);
+    load_pack<scalar_t, V>(v + base + t * g.C, vt);
+#pragma unroll
+    for (int i = 0; i < V; ++i) s[i].push(kt[i], vt[i], T(1));
+  }
+#pragma unroll
+  for (int i = 0; i < V; ++i) summaries.template store<false>(th.chunk_index(g) + i, s[i]);
+}
+
+template <typename scalar_t, int V>
+__global__ void causal_output(Layout g, const acc_t<scalar_t>* __restrict__ w, const acc_t<scalar_t>* __restrict__ u,
+                              const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
+                              DecayedArray<acc_t<scalar_t>> entering, scalar_t* __restrict__ y) {
+  using T = acc_t<scalar_t>;
+  const int64_t idx = thread_index();
+  if (idx >= g.B * g.N * (g.C / V)) return;
+  const ChunkThread th = ChunkThread::of<V>(g, idx);
+  const int64_t base = th.token_offset(g);
+  T uc[V];
+  Decayed<T> s[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    uc[i] = u[th.c0 + i];
+    s[i] = entering.template load<false>(th.chunk_index(g) + i, w[th.c0 + i]);
+  }
+  for (int64_t t = 0, len = g.chunk_len(th.n); t < len; ++t) {
+    T kt[V], vt[V], out[V];
+    load_pack<scalar_t, V>(k + base + t * g.C, kt);
+    load_pack<scalar_t, V>(v + base + t * g.C, vt);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      out[i] = emit(s[i], uc[i] + kt[i], vt[i]).y;
+      s[i].push(kt[i], vt[i], T(1));
+    }
+    store_pack<scalar_t, V>(y + base + t * g.C, out);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Causal backward. R_i = sum_{t>i} e^{(t-1-i)w} (alpha_t, beta_t), plus the final state's gradient as the
+// terms of a token T; dL/dk_i and dL/dv_i read e^{k_i} R_i, dL/dw reads the distance-weighted sums.
+
+// Replays each chunk from its entering state: stores the state at every tile start and the chunk's
+// (alpha, beta) summed from its left edge.
+template <typename scalar_t, int V>
+__global__ void causal_grad_summary(Layout g, const acc_t<scalar_t>* __restrict__ w,
+                                    const acc_t<scalar_t>* __restrict__ u, const scalar_t* __restrict__ k,
+                                    const scalar_t* __restrict__ v, const scalar_t* __restrict__ gy,
+                                    DecayedArray<acc_t<scalar_t>> entering, DecayedArray<acc_t<scalar_t>> tile_starts,
+                                    DecayedArray<acc_t<scalar_t>> from_right) {
+  using T = acc_t<scalar_t>;
+  const int64_t idx = thread_index();
+  if (idx >= g.B * g.N * (g.C / V)) return;
+  const ChunkThread th = ChunkThread::of<V>(g, idx);
+  const int64_t base = th.token_offset(g);
+  T uc[V];
+  Decayed<T> s[V], grad[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    uc[i] = u[th.c0 + i];
+    s[i] = entering.template load<false>(th.chunk_index(g) + i, w[th.c0 + i]);
+    grad[i] = Decayed<T>::empty(w[th.c0 + i]);
+  }
+  for (int64_t t = 0, len = g.chunk_len(th.n); t < len; ++t) {
+    T kt[V], vt[V], gt[V];
+    load_pack<scalar_t, V>(k + base + t * g.C, kt);
+    load_pack<scalar_t, V>(v + base + t * g.C, vt);
+    load_pack<scalar_t, V>(gy + base + t * g.C, gt);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      if (t % kSub == 0) tile_starts.template store<false>(th.tile_index(g, t / kSub) + i, s[i]);
+      const Emitted<T> e = emit(s[i], uc[i] + kt[i], vt[i]);
+      const T alpha = gt[i] / e.den;
+      grad[i].add(static_cast<T>(t) * s[i].w - e.p, static_cast<T>(t), alpha, -alpha * e.y);
+      s[i].push(kt[i], vt[i], T(1));
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < V; ++i) from_right.template store<true>(th.chunk_index(g) + i, grad[i]);
+}
+
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kThreads, 2) causal_grad_output(
+    Layout g, const acc_t<scalar_t>* __restrict__ w, const acc_t<scalar_t>* __restrict__ u,
+    const scalar_t* __restrict__ k, const scalar_t* __restrict__ v, const scalar_t* __restrict__ gy,
+    DecayedArray<acc_t<scalar_t>> tile_starts, DecayedArray<acc_t<scalar_t>> entering_right,
+    scalar_t* __restrict__ gk, scalar_t* __restrict__ gv, acc_t<scalar_t>* __restrict__ gw,
+    acc_t<scalar_t>* __restrict__ gu) {
+  using T = acc_t<scalar_t>;
+  const int64_t idx = thread_index();
+  if (idx >= g.B * g.N * (g.C / V)) return;
+  const ChunkThread th = ChunkThread::of<V>(g, idx);
+  const int64_t base = th.token_offset(g), len = g.chunk_len(th.n);
+  T uc[V], gw_sum[V], gu_sum[V];
+  Decayed<T> r[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    uc[i] = u[th.c0 + i];
+    r[i] = entering_right.template load<true>(th.chunk_index(g) + i, w[th.c0 + i]);
+    gw_sum[i] = gu_sum[i] = T(0);
+  }
+  for (int64_t tile = (len - 1) / kSub; tile >= 0; --tile) {
+    const int64_t t0 = tile * kSub;
+    const int count = static_cast<int>(min(static_cast<int64_t>(kSub), len - t0));
+    Decayed<T> s[V];
+    T p[kSub][V], alpha[kSub][V], beta[kSub][V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) s[i] = tile_starts.template load<false>(th.tile_index(g, tile) + i, w[th.c0 + i]);
+#pragma unroll
+    for (int j = 0; j < kSub; ++j) {
+      if (j < count) {
+        const int64_t o = base + (t0 + j) * g.C;
+        T kt[V], vt[V], gt[V];
+        load_pack<scalar_t, V>(k + o, kt);
+        load_pack<scalar_t, V>(v + o, vt);
+        load_pack<scalar_t, V>(gy + o, gt);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const Emitted<T> e = emit(s[i], uc[i] + kt[i], vt[i]);
+          p[j][i] = e.p;
+          alpha[j][i] = gt[i] / e.den;
+          beta[j][i] = -alpha[j][i] * e.y;
+          s[i].push(kt[i], vt[i], T(1));
+        }
+      }
+    }
+#pragma unroll
+    for (int j = kSub - 1; j >= 0; --j) {
+      if (j < count) {
+        const int64_t o = base + (t0 + j) * g.C;
+        T kt[V], vt[V], gk_out[V], gv_out[V];
+        load_pack<scalar_t, V>(k + o, kt);
+        load_pack<scalar_t, V>(v + o, vt);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const T bonus = exp(uc[i] + kt[i] - p[j][i]), later = exp(kt[i] + r[i].scale());
+          const T grad_bonus = bonus * (alpha[j][i] * vt[i] + beta[j][i]);
+          gv_out[i] = bonus * alpha[j][i] + later * r[i].a;
+          gk_out[i] = grad_bonus + later * (vt[i] * r[i].a + r[i].b);
+          gw_sum[i] += later * (vt[i] * r[i].da + r[i].db);
+          gu_sum[i] += grad_bonus;
+          r[i].push(-p[j][i], alpha[j][i], beta[j][i]);
+        }
+        store_pack<scalar_t, V>(gk + o, gk_out);
+        store_pack<scalar_t, V>(gv + o, gv_out);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    gw[th.chunk_index(g) + i] = gw_sum[i];
+    gu[th.chunk_index(g) + i] = gu_sum[i];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Bidirectional forward and backward. Here w is the step exponent -w_user: left and right sums both decay
+// by e^w per token. lse_t = log(den_t) is kept for the backward, where alpha_t = dL/dwkv_t e^{-lse_t}.
+
+template <typename scalar_t>
+struct TokenTerms {  // forward terms: e^{k_t} (v_t, 1)
+  const scalar_t *k, *v;
+  template <int V>
+  __device__ __forceinline__ void load(int64_t o, Term<acc_t<scalar_t>> (&out)[V]) const {
+    acc_t<scalar_t> kt[V], vt[V];
+    load_pack<scalar_t, V>(k + o, kt);
+    load_pack<scalar_t, V>(v + o, vt);
+#pragma unroll
+    for (int i = 0; i < V; ++i) out[i] = {kt[i], vt[i], acc_t<scalar_t>(1)};
+  }
+};
+
+template <typename scalar_t>
+struct GradTerms {  // backward terms: e^{-lse_t} (g_t, -g_t y_t)
+  const scalar_t *gy, *y;
+  const acc_t<scalar_t>* lse;
+  template <int V>
+  __device__ __forceinline__ void load(int64_t o, Term<acc_t<scalar_t>> (&out)[V]) const {
+    acc_t<scalar_t> gt[V], yt[V], lt[V];
+    load_pack<scalar_t, V>(gy + o, gt);
+    load_pack<scalar_t, V>(y + o, yt);
+    load_pack<acc_t<scalar_t>, V>(lse + o, lt);
+#pragma unroll
+    for (int i = 0; i < V; ++i) out[i] = {-lt[i], gt[i], -gt[i] * yt[i]};
+  }
+};
+
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kThreads, 2) bi_output(
+    Layout g, const acc_t<scalar_t>* __restrict__ w, const acc_t<scalar_t>* __restrict__ u,
+    const scalar_t* __restrict__ k, const scalar_t* __restrict__ v, DecayedArray<acc_t<scalar_t>> entering_left,
+    DecayedArray<acc_t<scalar_t>> entering_right, DecayedArray<acc_t<scalar_t>> tile_starts, scalar_t* __restrict__ y,
+    acc_t<scalar_t>* __restrict__ lse) {
+  using T = acc_t<scalar_t>;
+  const int64_t idx = thread_index();
+  if (idx >= g.B * g.N * (g.C / V)) return;
+  const ChunkThread th = ChunkThread::of<V>(g, idx);
+  const int64_t base = th.token_offset(g), len = g.chunk_len(th.n);
+  T uc[V];
+  Decayed<T> left_in[V], r[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    uc[i] = u[th.c0 + i];
+    left_in[i] = entering_left.template load<false>(th.chunk_index(g) + i, w[th.c0 + i]);
+    r[i] = entering_right.template load<false>(th.chunk_index(g) + i, w[th.c0 + i]);
+  }
+  for (int64_t tile = (len - 1) / kSub; tile >= 0; --tile) {
+    const int64_t t0 = tile * kSub;
+    const int count = static_cast<int>(min(static_cast<int64_t>(kSub), len - t0));
+    Decayed<T> s[V];
+    T la[kSub][V], lb[kSub][V], lm[kSub][V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const auto local = tile_starts.template load<false>(th.tile_index(g, tile) + i, w[th.c0 + i]);
+      s[i] = left_in[i].then(static_cast<T>(t0), local);
+    }
+#pragma unroll
+    for (int j = 0; j < kSub; ++j) {
+      if (j < count) {
+        const int64_t o = base + (t0 + j) * g.C;
+        T kt[V], vt[V];
+        load_pack<scalar_t, V>(k + o, kt);
+        load_pack<scalar_t, V>(v + o, vt);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          la[j][i] = s[i].a, lb[j][i] = s[i].b, lm[j][i] = s[i].scale();
+          s[i].push(kt[i], vt[i], T(1));
+        }
+      }
+    }
+#pragma unroll
+    for (int j = kSub - 1; j >= 0; --j) {
+      if (j < count) {
+        const int64_t o = base + (t0 + j) * g.C;
+        T kt[V], vt[V], out[V], lse_out[V];
+        load_pack<scalar_t, V>(k + o, kt);
+        load_pack<scalar_t, V>(v + o, vt);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const T bonus = uc[i] + kt[i], right = r[i].scale(), top = max(max(lm[j][i], right), bonus);
+          const T el = exp(lm[j][i] - top), er = exp(right - top), eb = exp(bonus - top);
+          const T den = el * lb[j][i] + er * r[i].b + eb;
+          out[i] = (el * la[j][i] + er * r[i].a + eb * vt[i]) / den;
+          lse_out[i] = top + log(den);
+          r[i].push(kt[i], vt[i], T(1));
+        }
+        store_pack<scalar_t, V>(y + o, out);
+        store_pack<T, V>(lse + o, lse_out);
+      }
+    }
+  }
+}
+
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kThreads, 2) bi_grad_output(
+    Layout g, const acc_t<scalar_t>* __restrict__ w, const acc_t<scalar_t>* __restrict__ u,
+    const scalar_t* __restrict__ k, const scalar_t* __restrict__ v, GradTerms<scalar_t> terms,
+    DecayedArray<acc_t<scalar_t>> entering_left, DecayedArray<acc_t<scalar_t>> entering_right,
+    DecayedArray<acc_t<scalar_t>> tile_starts, scalar_t* __restrict__ gk, scalar_t* __restrict__ gv,
+    acc_t<scalar_t>* __restrict__ gw, acc_t<scalar_t>* __restrict__ gu) {
+  using T = acc_t<scalar_t>;
+  const int64_t idx = thread_index();
+  if (idx >= g.B * g.N * (g.C / V)) return;
+  const ChunkThread th = ChunkThread::of<V>(g, idx);
+  const int64_t base = th.token_offset(g), len = g.chunk_len(th.n);
+  T uc[V], gstep[V], gu_sum[V];  // gstep: the gradient of the step exponent, -dL/dw
+  Decayed<T> left_in[V], r[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    uc[i] = u[th.c0 + i];
+    left_in[i] = entering_left.template load<true>(th.chunk_index(g) + i, w[th.c0 + i]);
+    r[i] = entering_right.template load<true>(th.chunk_index(g) + i, w[th.c0 + i]);
+    gstep[i] = gu_sum[i] = T(0);
+  }
+  for (int64_t tile = (len - 1) / kSub; tile >= 0; --tile) {
+    const int64_t t0 = tile * kSub;
+    const int count = static_cast<int>(min(static_cast<int64_t>(kSub), len - t0));
+    Decayed<T> s[V];
+    T gk_left[kSub][V], gv_left[kSub][V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const auto local = tile_starts.template load<true>(th.tile_index(g, tile) + i, w[th.c0 + i]);
+      s[i] = left_in[i].then(static_cast<T>(t0), local);
+    }
+#pragma unroll
+    for (int j = 0; j < kSub; ++j) {
+      if (j < count) {
+        const int64_t o = base + (t0 + j) * g.C;
+        T kt[V], vt[V];
+        Term<T> term[V];
+        load_pack<scalar_t, V>(k + o, kt);
+        load_pack<scalar_t, V>(v + o, vt);
+        terms.load(o, term);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const T earlier = exp(kt[i] + s[i].scale());
+          gv_left[j][i] = earlier * s[i].a;
+          gk_left[j][i] = earlier * (vt[i] * s[i].a + s[i].b);
+          gstep[i] += earlier * (vt[i] * s[i].da + s[i].db);
+          s[i].push(term[i].x, term[i].va, term[i].vb);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = kSub - 1; j >= 0; --j) {
+      if (j < count) {
+        const int64_t o = base + (t0 + j) * g.C;
+        T kt[V], vt[V], gk_out[V], gv_out[V];
+        Term<T> term[V];  // x = -lse, va = dL/dwkv, vb = -va wkv
+        load_pack<scalar_t, V>(k + o, kt);
+        load_pack<scalar_t, V>(v + o, vt);
+        terms.load(o, term);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const T later = exp(kt[i] + r[i].scale()), bonus = exp(uc[i] + kt[i] + term[i].x);
+          const T grad_bonus = bonus * (term[i].va * vt[i] + term[i].vb);
+          gv_out[i] = gv_left[j][i] + later * r[i].a + bonus * term[i].va;
+          gk_out[i] = gk_left[j][i] + later * (vt[i] * r[i].a + r[i].b) + grad_bonus;
+          gstep[i] += later * (vt[i] * r[i].da + r[i].db);
+          gu_sum[i] += grad_bonus;
+          r[i].push(term[i].x, term[i].va, term[i].vb);
+        }
+        store_pack<scalar_t, V>(gk + o, gk_out);
+        store_pack<scalar_t, V>(gv + o, gv_out);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    gw[th.chunk_index(g) + i] = -gstep[i];
+    gu[th.chunk_index(g) + i] = gu_sum[i];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Host side.
+
+int blocks_for(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThreads); }
+
+// Chunks long enough to keep the scans short, short enough to give every SM work: about `threads` threads
+// of `group` channels each. Chunks longer than a tile are whole tiles.
+Layout make_layout(int64_t B, int64_t T, int64_t C, int64_t group, int64_t threads) {
+  const int64_t wanted = std::max((T * B * (C / group) + threads - 1) / threads, kMinChunk);
+  const int64_t L = std::min(T, (wanted + kSub - 1) / kSub * kSub);
+  return Layout{B, T, C, L, (T + L - 1) / L};
+}
+
+// Channels per thread: the widest of 4, 2, 1 that divides C and is at most `widest`. More channels give each
+// thread independent recurrences to overlap and wider loads; the register tiles of the two-way passes take 2.
+constexpr int kMaxWidth = 4, kTileWidth = 2;
+int channel_width(int64_t C, int widest) { return widest >= 4 && C % 4 == 0 ? 4 : widest >= 2 && C % 2 == 0 ? 2 : 1; }
+
+// Calls launch(std::integral_constant<int, V>{}) for V = channel_width(C, widest).
+template <typename F>
+void with_width(int64_t C, int widest, F&& launch) {
+  switch (channel_width(C, widest)) {
+    case 4: launch(std::integral_constant<int, 4>{}); break;
+    case 2: launch(std::integral_constant<int, 2>{}); break;
+    default: launch(std::integral_constant<int, 1>{});
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Storage for decayed sums: one [5, B, rows, C] tensor viewed as five arrays.
+struct DecayedStorage {
+  at::Tensor data;
+  template <typename T>
+  DecayedArray<T> view() const {
+    T* p = data.data_ptr<T>();
+    const int64_t n = data.numel() / 5;
+    return {p, p + n, p + 2 * n, p + 3 * n, p + 4 * n};
+  }
+};
+
+DecayedStorage decayed_storage(int64_t B, int64_t rows, int64_t C, const at::TensorOptions& opts) {
+  return {at::empty({5, B, rows, C}, opts)};
+}
+
+// Sums given by parts, each [B, C]: (a, b, da, db, m).
+DecayedStorage decayed_from(const at::Tensor& a, const at::Tensor& b, const at::Tensor& m) {
+  const auto zeros = at::zeros_like(a);
+  return {at::stack({a, b, zeros, zeros, m}).contiguous()};
+}
+
+DecayedStorage empty_sums(int64_t B, int64_t C, const at::TensorOptions& opts) {
+  const auto zeros = at::zeros({B, C}, opts);
+  return decayed_from(zeros, zeros, at::full({B, C}, kEmpty, opts));
+}
+
+at::ScalarType arithmetic_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The shapes every op checks: k, v (and the like) [B, T, C] of one float dtype; w, u [C].
+void check_tokens(const char* op, const at::Tensor& w, const at::Tensor& u, std::initializer_list<at::Tensor> tokens) {
+  const at::Tensor& k = *tokens.begin();
+  TORCH_CHECK(k.dim() == 3, op, ": k must be [B, T, C], got ", k.sizes());
+  TORCH_CHECK(k.size(0) >= 1 && k.size(1) >= 1 && k.size(2) >= 1, op, ": B, T and C must be >= 1, got ", k.sizes());
+  for (const auto& x : tokens) {
+    TORCH_CHECK(x.sizes() == k.sizes(), op, ": token tensors must share k's shape ", k.sizes(), ", got ", x.sizes());
+    TORCH_CHECK(x.scalar_type() == k.scalar_type(), op, ": token tensors must share k's dtype");
+    TORCH_CHECK(x.device() == k.device(), op, ": all tensors must be on ", k.device());
+  }
+  TORCH_CHECK(w.numel() == k.size(2) && u.numel() == k.size(2), op, ": w and u must have C = ", k.size(2), " elements");
+}
+
+at::Tensor as_arithmetic(const at::Tensor& t, at::ScalarType type) { return t.to(type).contiguous(); }
+
+template <typename T, bool kReverse, bool kDistance>
+void scan_chunks(const Layout& g, const T* w, const DecayedStorage& start, const DecayedStorage& summaries,
+                 const DecayedStorage& entering, const DecayedStorage& finish) {
+  chunk_scan<T, kReverse, kDistance><<<blocks_for(g.B * g.C * 32), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      g, w, start.view<T>(), summaries.view<T>(), entering.view<T>(), finish.view<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The causal forward's first two passes: the state entering every chunk, and the state after the last token.
+template <typename scalar_t>
+void causal_states(const Layout& g, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
+                   const DecayedStorage& start, const DecayedStorage& entering, const DecayedStorage& finish) {
+  using T = acc_t<scalar_t>;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const auto summaries = decayed_storage(g.B, g.N, g.C, w.options());
+  with_width(g.C, kMaxWidth, [&](auto width) {
+    constexpr int V = decltype(width)::value;
+    causal_summary<scalar_t, V><<<blocks_for(g.B * g.N * (g.C / V)), kThreads, 0, stream>>>(
+        g, w.data_ptr<T>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), summaries.view<T>());
+  });
+  scan_chunks<T, false, false>(g, w.data_ptr<T>(), start, summaries, entering, finish);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_forward(
+    const at::Tensor& w_, const at::Tensor& u_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& aa_,
+    const at::Tensor& bb_, const at::Tensor& pp_) {
+  check_tokens("wkv4_forward", w_, u_, {k_, v_});
+  const int64_t B = k_.size(0), T = k_.size(1), C = k_.size(2);
+  for (const auto* s : {&aa_, &bb_, &pp_}) {
+    TORCH_CHECK(s->dim() == 2 && s->size(0) == B && s->size(1) == C, "wkv4_forward: state tensors must be [B, C]");
+  }
+  const c10::cuda::CUDAGuard guard(k_.device());
+  const auto type = arithmetic_type(k_.scalar_type());
+  const auto opts = k_.options().dtype(type);
+  const auto w = as_arithmetic(w_, type), u = as_arithmetic(u_, type), k = k_.contiguous(), v = v_.contiguous();
+  const Layout g = make_layout(B, T, C, channel_width(C, kMaxWidth), kForwardThreads);
+  const auto start = decayed_from(aa_.to(type), bb_.to(type), pp_.to(type));
+  const auto entering = decayed_storage(B, g.N, C, opts), finish = decayed_storage(B, 1, C, opts);
+  auto y = at::empty_like(k);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "wkv4_forward", [&] {
+    using T = acc_t<scalar_t>;
+    causal_states<scalar_t>(g, w, k, v, start, entering, finish);
+    with_width(C, kMaxWidth, [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      causal_output<scalar_t, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          g, w.data_ptr<T>(), u.data_ptr<T>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), entering.view<T>(),
+          y.data_ptr<scalar_t>());
+    });
+  });
+  const auto state = finish.data.view({5, B, C});
+  return {y, state[0].clone(), state[1].clone(), state[4].clone()};
+}
+
+// Gradients of wkv4_forward. The output pp is a normalisation (the state stands for e^pp (aa, bb)): its
+// gradient is taken as 0, exact whenever the loss sees the state through e^pp aa and e^pp bb, as the next
+// call (which differentiates pp_in that way) and the wkv outputs do.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_backward(
+    const at::Tensor& w_, const at::Tensor& u_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& aa_,
+    const at::Tensor& bb_, const at::Tensor& pp_, const at::Tensor& pp_out, const at::Tensor& gy_,
+    const at::Tensor& gaa, const at::Tensor& gbb) {
+  check_tokens("wkv4_backward", w_, u_, {k_, v_, gy_});
+  const int64_t B = k_.size(0), T = k_.size(1), C = k_.size(2);
+  const c10::cuda::CUDAGuard guard(k_.device());
+  const auto type = arithmetic_type(k_.scalar_type());
+  const auto opts = k_.options().dtype(type);
+  const auto w = as_arithmetic(w_, type), u = as_arithmetic(u_, type);
+  const auto k = k_.contiguous(), v = v_.contiguous(), gy = gy_.contiguous();
+  const auto aa = aa_.to(type), bb = bb_.to(type), pp = pp_.to(type);
+  const Layout g = make_layout(B, T, C, channel_width(C, kTileWidth), kTwoWayThreads);
+  const auto entering = decayed_storage(B, g.N, C, opts), finish = decayed_storage(B, 1, C, opts);
+  const auto tile_starts = decayed_storage(B, g.N * g.tiles(), C, opts);
+  const auto from_right = decayed_storage(B, g.N, C, opts), entering_right = decayed_storage(B, g.N, C, opts);
+  const auto seed = decayed_from(gaa.to(type), gbb.to(type), -pp_out.to(type));
+  const auto before_first = decayed_storage(B, 1, C, opts);
+  auto gk = at::empty_like(k), gv = at::empty_like(v);
+  auto gw = at::empty({B, g.N, C}, opts), gu = at::empty({B, g.N, C}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "wkv4_backward", [&] {
+    using T = acc_t<scalar_t>;
+    auto stream = at::cuda::getCurrentCUDAStream();
+    const T *wp = w.data_ptr<T>(), *up = u.data_ptr<T>();
+    const scalar_t *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>(), *gyp = gy.data_ptr<scalar_t>();
+    causal_states<scalar_t>(g, w, k, v, decayed_from(aa, bb, pp), entering, finish);
+    with_width(C, kMaxWidth, [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      causal_grad_summary<scalar_t, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
+          g, wp, up, kp, vp, gyp, entering.view<T>(), tile_starts.view<T>(), from_right.view<T>());
+    });
+    scan_chunks<T, true, true>(g, wp, seed, from_right, entering_right, before_first);
+    with_width(C, kTileWidth, [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      causal_grad_output<scalar_t, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
+          g, wp, up, kp, vp, gyp, tile_starts.view<T>(), entering_right.view<T>(), gk.data_ptr<scalar_t>(),
+          gv.data_ptr<scalar_t>(), gw.data_ptr<T>(), gu.data_ptr<T>());
+    });
+  });
+  // The state in (aa, bb, pp) stands for e^pp (aa, bb), which reaches token t as e^{tw} e^pp (aa, bb): its
+  // gradients are R_{-1}, the sums entering from the right at the first token.
+  const auto r = before_first.data.view({5, B, C});
+  const auto scale = at::exp(r[4] + pp);
+  const auto gaa_in = r[0] * scale, gbb_in = r[1] * scale;
+  const auto gw_state = (scale * (aa * r[2] + bb * r[3])).sum(0);
+  return {gw.sum(at::IntArrayRef{0, 1}) + gw_state, gu.sum(at::IntArrayRef{0, 1}), gk, gv, gaa_in, gbb_in,
+          aa * gaa_in + bb * gbb_in};
+}
+
+std::tuple<at::Tensor, at::Tensor> biwkv_forward(const at::Tensor& w_, const at::Tensor& u_, const at::Tensor& k_,
+                                                 const at::Tensor& v_) {
+  check_tokens("biwkv_forward", w_, u_, {k_, v_});
+  const int64_t B = k_.size(0), T = k_.size(1), C = k_.size(2);
+  const c10::cuda::CUDAGuard guard(k_.device());
+  const auto type = arithmetic_type(k_.scalar_type());
+  const auto opts = k_.options().dtype(type);
+  const auto step = as_arithmetic(-w_, type), u = as_arithmetic(u_, type), k = k_.contiguous(), v = v_.contiguous();
+  const Layout g = make_layout(B, T, C, channel_width(C, kTileWidth), kTwoWayThreads);
+  const auto from_left = decayed_storage(B, g.N, C, opts), from_right = decayed_storage(B, g.N, C, opts);
+  const auto entering_left = decayed_storage(B, g.N, C, opts), entering_right = decayed_storage(B, g.N, C, opts);
+  const auto tile_starts = decayed_storage(B, g.N * g.tiles(), C, opts);
+  const auto empty = empty_sums(B, C, opts), unused = decayed_storage(B, 1, C, opts);
+  auto y = at::empty_like(k);
+  auto lse = at::empty(k.sizes(), opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "biwkv_forward", [&] {
+    using T = acc_t<scalar_t>;
+    auto stream = at::cuda::getCurrentCUDAStream();
+    const T* wp = step.data_ptr<T>();
+    const scalar_t *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
+    with_width(C, kMaxWidth, [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      two_way_summary<T, false, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
+          g, wp, TokenTerms<scalar_t>{kp, vp}, from_left.view<T>(), from_right.view<T>(), tile_starts.view<T>());
+    });
+    scan_chunks<T, false, false>(g, wp, empty, from_left, entering_left, unused);
+    scan_chunks<T, true, false>(g, wp, empty, from_right, entering_right, unused);
+    with_width(C, kTileWidth, [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      bi_output<scalar_t, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
+          g, wp, u.data_ptr<T>(), kp, vp, entering_left.view<T>(), entering_right.view<T>(), tile_starts.view<T>(),
+          y.data_ptr<scalar_t>(), lse.data_ptr<T>());
+    });
+  });
+  return {y, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biwkv_backward(
+    const at::Tensor& w_, const at::Tensor& u_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& y_,
+    const at::Tensor& lse_, const at::Tensor& gy_) {
+  check_tokens("biwkv_backward", w_, u_, {k_, v_, y_, gy_});
+  const int64_t B = k_.size(0), T = k_.size(1), C = k_.size(2);
+  const c10::cuda::CUDAGuard guard(k_.device());
+  const auto type = arithmetic_type(k_.scalar_type());
+  const auto opts = k_.options().dtype(type);
+  TORCH_CHECK(lse_.sizes() == k_.sizes() && lse_.scalar_type() == type, "biwkv_backward: lse must be [B, T, C] ", type);
+  const auto step = as_arithmetic(-w_, type), u = as_arithmetic(u_, type);
+  const auto k = k_.contiguous(), v = v_.contiguous(), y = y_.contiguous(), gy = gy_.contiguous();
+  const auto lse = lse_.contiguous();
+  const Layout g = make_layout(B, T, C, channel_width(C, kTileWidth), kTwoWayThreads);
+  const auto from_left = decayed_storage(B, g.N, C, opts), from_right = decayed_storage(B, g.N, C, opts);
+  const auto entering_left = decayed_storage(B, g.N, C, opts), entering_right = decayed_storage(B, g.N, C, opts);
+  const auto tile_starts = decayed_storage(B, g.N * g.tiles(), C, opts);
+  const auto empty = empty_sums(B, C, opts), unused = decayed_storage(B, 1, C, opts);
+  auto gk = at::empty_like(k), gv = at::empty_like(v);
+  auto gw = at::empty({B, g.N, C}, opts), gu = at::empty({B, g.N, C}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "biwkv_backward", [&] {
+    using T = acc_t<scalar_t>;
+    auto stream = at::cuda::getCurrentCUDAStream();
+    const T* wp = step.data_ptr<T>();
+    const GradTerms<scalar_t> terms{gy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), lse.data_ptr<T>()};
+    with_width(C, kMaxWidth, [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      two_way_summary<T, true, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
+          g, wp, terms, from_left.view<T>(), from_right.view<T>(), tile_starts.view<T>());
+    });
+    scan_chunks<T, false, true>(g, wp, empty, from_left, entering_left, unused);
+    scan_chunks<T, true, true>(g, wp, empty, from_right, entering_right, unused);
+    with_width(C, kTileWidth, [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      bi_grad_output<scalar_t, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
+          g, wp, u.data_ptr<T>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), terms, entering_left.view<T>(),
+          entering_right.view<T>(), tile_starts.view<T>(), gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(),
+          gw.data_ptr<T>(), gu.data_ptr<T>());
+    });
+  });
+  return {gw.sum(at::IntArrayRef{0, 1}), gu.sum(at::IntArrayRef{0, 1}), gk, gv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(zoo, m) {
+  m.def("wkv4_forward(Tensor w, Tensor u, Tensor k, Tensor v, Tensor aa, Tensor bb, Tensor pp) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("wkv4_backward(Tensor w, Tensor u, Tensor k, Tensor v, Tensor aa, Tensor bb, Tensor pp, Tensor pp_out, "
+        "Tensor gy, Tensor gaa, Tensor gbb) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("biwkv_forward(Tensor w, Tensor u, Tensor k, Tensor v) -> (Tensor, Tensor)");
+  m.def("biwkv_backward(Tensor w, Tensor u, Tensor k, Tensor v, Tensor y, Tensor lse, Tensor gy) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(zoo, CUDA, m) {
+  m.impl("wkv4_forward", &wkv4_forward);
+  m.impl("wkv4_backward", &wkv4_backward);
+  m.impl("biwkv_forward", &biwkv_forward);
+  m.impl("biwkv_backward", &biwkv_backward);
+}
