@@ -36,8 +36,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMinChunk = 32;
 constexpr int kSub = 8;                               // tokens per register tile of the two-way passes
-constexpr int64_t kForwardThreads = 1 << 17;          // (batch, chunk, channel group) threads of the causal forward
-constexpr int64_t kTwoWayThreads = 1 << 18;           // (batch, chunk, channel) threads of the other passes
+constexpr int64_t kTargetThreads = 1 << 17;           // (batch, chunk, channel group) threads: fastest of 2^16..2^19
 constexpr double kEmpty = -1e38;                      // m of an empty sum
 
 template <typename scalar_t>
@@ -713,7 +712,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_forward(
   const auto type = arithmetic_type(k_.scalar_type());
   const auto opts = k_.options().dtype(type);
   const auto w = as_arithmetic(w_, type), u = as_arithmetic(u_, type), k = k_.contiguous(), v = v_.contiguous();
-  const Layout g = make_layout(B, T, C, channel_width(C, kMaxWidth), kForwardThreads);
+  const Layout g = make_layout(B, T, C, channel_width(C, kMaxWidth), kTargetThreads);
   const auto start = decayed_from(aa_.to(type), bb_.to(type), pp_.to(type));
   const auto entering = decayed_storage(B, g.N, C, opts), finish = decayed_storage(B, 1, C, opts);
   auto y = at::empty_like(k);
@@ -746,7 +745,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto w = as_arithmetic(w_, type), u = as_arithmetic(u_, type);
   const auto k = k_.contiguous(), v = v_.contiguous(), gy = gy_.contiguous();
   const auto aa = aa_.to(type), bb = bb_.to(type), pp = pp_.to(type);
-  const Layout g = make_layout(B, T, C, channel_width(C, kTileWidth), kTwoWayThreads);
+  const Layout g = make_layout(B, T, C, channel_width(C, kTileWidth), kTargetThreads);
   const auto entering = decayed_storage(B, g.N, C, opts), finish = decayed_storage(B, 1, C, opts);
   const auto tile_starts = decayed_storage(B, g.N * g.tiles(), C, opts);
   const auto from_right = decayed_storage(B, g.N, C, opts), entering_right = decayed_storage(B, g.N, C, opts);
@@ -791,7 +790,7 @@ std::tuple<at::Tensor, at::Tensor> biwkv_forward(const at::Tensor& w_, const at:
   const auto type = arithmetic_type(k_.scalar_type());
   const auto opts = k_.options().dtype(type);
   const auto step = as_arithmetic(-w_, type), u = as_arithmetic(u_, type), k = k_.contiguous(), v = v_.contiguous();
-  const Layout g = make_layout(B, T, C, channel_width(C, kTileWidth), kTwoWayThreads);
+  const Layout g = make_layout(B, T, C, channel_width(C, kTileWidth), kTargetThreads);
   const auto from_left = decayed_storage(B, g.N, C, opts), from_right = decayed_storage(B, g.N, C, opts);
   const auto entering_left = decayed_storage(B, g.N, C, opts), entering_right = decayed_storage(B, g.N, C, opts);
   const auto tile_starts = decayed_storage(B, g.N * g.tiles(), C, opts);
@@ -832,7 +831,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biwkv_backward(
   const auto step = as_arithmetic(-w_, type), u = as_arithmetic(u_, type);
   const auto k = k_.contiguous(), v = v_.contiguous(), y = y_.contiguous(), gy = gy_.contiguous();
   const auto lse = lse_.contiguous();
-  const Layout g = make_layout(B, T, C, channel_width(C, kTileWidth), kTwoWayThreads);
+  const Layout g = make_layout(B, T, C, channel_width(C, kTileWidth), kTargetThreads);
   const auto from_left = decayed_storage(B, g.N, C, opts), from_right = decayed_storage(B, g.N, C, opts);
   const auto entering_left = decayed_storage(B, g.N, C, opts), entering_right = decayed_storage(B, g.N, C, opts);
   const auto tile_starts = decayed_storage(B, g.N * g.tiles(), C, opts);

