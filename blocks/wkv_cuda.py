@@ -48,26 +48,27 @@ def _build() -> None:
 
 def _register_python_rules() -> None:
     """Fake (meta) implementations, for torch.compile, and autograd rules pairing each forward with its backward."""
+    from .wkv import _compute_dtype  # the kernels' arithmetic dtype: float64 for float64 inputs, else float32
 
     @torch.library.register_fake("zoo::wkv4_forward")
     def _(w, u, k, v, aa, bb, pp):
-        state = torch.empty(aa.shape, dtype=_arithmetic_dtype(k), device=k.device)
+        state = torch.empty(aa.shape, dtype=_compute_dtype(k), device=k.device)
         return torch.empty_like(k), state, torch.empty_like(state), torch.empty_like(state)
 
     @torch.library.register_fake("zoo::wkv4_backward")
     def _(w, u, k, v, aa, bb, pp, pp_out, gy, gaa, gbb):
-        wu = torch.empty(w.shape, dtype=_arithmetic_dtype(k), device=k.device)
-        state = torch.empty(aa.shape, dtype=_arithmetic_dtype(k), device=k.device)
+        wu = torch.empty(w.shape, dtype=_compute_dtype(k), device=k.device)
+        state = torch.empty(aa.shape, dtype=_compute_dtype(k), device=k.device)
         return (wu, torch.empty_like(wu), torch.empty_like(k), torch.empty_like(v), state, torch.empty_like(state),
                 torch.empty_like(state))
 
     @torch.library.register_fake("zoo::biwkv_forward")
     def _(w, u, k, v):
-        return torch.empty_like(k), torch.empty(k.shape, dtype=_arithmetic_dtype(k), device=k.device)
+        return torch.empty_like(k), torch.empty(k.shape, dtype=_compute_dtype(k), device=k.device)
 
     @torch.library.register_fake("zoo::biwkv_backward")
     def _(w, u, k, v, y, lse, gy):
-        wu = torch.empty(w.shape, dtype=_arithmetic_dtype(k), device=k.device)
+        wu = torch.empty(w.shape, dtype=_compute_dtype(k), device=k.device)
         return wu, torch.empty_like(wu), torch.empty_like(k), torch.empty_like(v)
 
     def wkv4_setup(ctx, inputs, output):
@@ -93,11 +94,6 @@ def _register_python_rules() -> None:
 
     torch.library.register_autograd("zoo::wkv4_forward", wkv4_backward, setup_context=wkv4_setup)
     torch.library.register_autograd("zoo::biwkv_forward", biwkv_backward, setup_context=biwkv_setup)
-
-
-def _arithmetic_dtype(k: torch.Tensor) -> torch.dtype:
-    """The kernels compute in float64 for float64 inputs and in float32 otherwise."""
-    return torch.float64 if k.dtype == torch.float64 else torch.float32
 
 
 def _forced_reference() -> bool:

@@ -179,6 +179,28 @@ struct ChunkThread {
 
 __device__ __forceinline__ int64_t thread_index() { return blockIdx.x * (int64_t)blockDim.x + threadIdx.x; }
 
+// Walks the register tiles of a chunk, last tile first: begin(tile, t0) sets up the tile that starts at token
+// t0, then forward(j, offset) runs for its tokens in order and backward(j, offset) in reverse. j < kSub is a
+// compile-time index once unrolled, so per-token arrays indexed by it stay in registers.
+template <typename Begin, typename Forward, typename Backward>
+__device__ __forceinline__ void walk_tiles(const Layout& g, const ChunkThread& th, Begin begin, Forward forward,
+                                           Backward backward) {
+  const int64_t base = th.token_offset(g), len = g.chunk_len(th.n);
+  for (int64_t tile = (len - 1) / kSub; tile >= 0; --tile) {
+    const int64_t t0 = tile * kSub;
+    const int count = static_cast<int>(min(static_cast<int64_t>(kSub), len - t0));
+    begin(tile, t0);
+#pragma unroll
+    for (int j = 0; j < kSub; ++j) {
+      if (j < count) forward(j, base + (t0 + j) * g.C);
+    }
+#pragma unroll
+    for (int j = kSub - 1; j >= 0; --j) {
+      if (j < count) backward(j, base + (t0 + j) * g.C);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Scans over chunks, shared by every pass.
 
@@ -363,26 +385,22 @@ __global__ void __launch_bounds__(kThreads, 2) causal_grad_output(
   const int64_t idx = thread_index();
   if (idx >= g.B * g.N * (g.C / V)) return;
   const ChunkThread th = ChunkThread::of<V>(g, idx);
-  const int64_t base = th.token_offset(g), len = g.chunk_len(th.n);
   T uc[V], gw_sum[V], gu_sum[V];
-  Decayed<T> r[V];
+  Decayed<T> s[V], r[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     uc[i] = u[th.c0 + i];
     r[i] = entering_right.template load<true>(th.chunk_index(g) + i, w[th.c0 + i]);
     gw_sum[i] = gu_sum[i] = T(0);
   }
-  for (int64_t tile = (len - 1) / kSub; tile >= 0; --tile) {
-    const int64_t t0 = tile * kSub;
-    const int count = static_cast<int>(min(static_cast<int64_t>(kSub), len - t0));
-    Decayed<T> s[V];
-    T p[kSub][V], alpha[kSub][V], beta[kSub][V];
+  T p[kSub][V], alpha[kSub][V], beta[kSub][V];
+  walk_tiles(
+      g, th,
+      [&](int64_t tile, int64_t) {
 #pragma unroll
-    for (int i = 0; i < V; ++i) s[i] = tile_starts.template load<false>(th.tile_index(g, tile) + i, w[th.c0 + i]);
-#pragma unroll
-    for (int j = 0; j < kSub; ++j) {
-      if (j < count) {
-        const int64_t o = base + (t0 + j) * g.C;
+        for (int i = 0; i < V; ++i) s[i] = tile_starts.template load<false>(th.tile_index(g, tile) + i, w[th.c0 + i]);
+      },
+      [&](int j, int64_t o) {
         T kt[V], vt[V], gt[V];
         load_pack<scalar_t, V>(k + o, kt);
         load_pack<scalar_t, V>(v + o, vt);
@@ -395,12 +413,8 @@ __global__ void __launch_bounds__(kThreads, 2) causal_grad_output(
           beta[j][i] = -alpha[j][i] * e.y;
           s[i].push(kt[i], vt[i], T(1));
         }
-      }
-    }
-#pragma unroll
-    for (int j = kSub - 1; j >= 0; --j) {
-      if (j < count) {
-        const int64_t o = base + (t0 + j) * g.C;
+      },
+      [&](int j, int64_t o) {
         T kt[V], vt[V], gk_out[V], gv_out[V];
         load_pack<scalar_t, V>(k + o, kt);
         load_pack<scalar_t, V>(v + o, vt);
@@ -416,9 +430,7 @@ __global__ void __launch_bounds__(kThreads, 2) causal_grad_output(
         }
         store_pack<scalar_t, V>(gk + o, gk_out);
         store_pack<scalar_t, V>(gv + o, gv_out);
-      }
-    }
-  }
+      });
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     gw[th.chunk_index(g) + i] = gw_sum[i];
@@ -468,29 +480,25 @@ __global__ void __launch_bounds__(kThreads, 2) bi_output(
   const int64_t idx = thread_index();
   if (idx >= g.B * g.N * (g.C / V)) return;
   const ChunkThread th = ChunkThread::of<V>(g, idx);
-  const int64_t base = th.token_offset(g), len = g.chunk_len(th.n);
   T uc[V];
-  Decayed<T> left_in[V], r[V];
+  Decayed<T> left_in[V], s[V], r[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     uc[i] = u[th.c0 + i];
     left_in[i] = entering_left.template load<false>(th.chunk_index(g) + i, w[th.c0 + i]);
     r[i] = entering_right.template load<false>(th.chunk_index(g) + i, w[th.c0 + i]);
   }
-  for (int64_t tile = (len - 1) / kSub; tile >= 0; --tile) {
-    const int64_t t0 = tile * kSub;
-    const int count = static_cast<int>(min(static_cast<int64_t>(kSub), len - t0));
-    Decayed<T> s[V];
-    T la[kSub][V], lb[kSub][V], lm[kSub][V];
+  T la[kSub][V], lb[kSub][V], lm[kSub][V];
+  walk_tiles(
+      g, th,
+      [&](int64_t tile, int64_t t0) {
 #pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const auto local = tile_starts.template load<false>(th.tile_index(g, tile) + i, w[th.c0 + i]);
-      s[i] = left_in[i].then(static_cast<T>(t0), local);
-    }
-#pragma unroll
-    for (int j = 0; j < kSub; ++j) {
-      if (j < count) {
-        const int64_t o = base + (t0 + j) * g.C;
+        for (int i = 0; i < V; ++i) {
+          const auto local = tile_starts.template load<false>(th.tile_index(g, tile) + i, w[th.c0 + i]);
+          s[i] = left_in[i].then(static_cast<T>(t0), local);
+        }
+      },
+      [&](int j, int64_t o) {
         T kt[V], vt[V];
         load_pack<scalar_t, V>(k + o, kt);
         load_pack<scalar_t, V>(v + o, vt);
@@ -499,12 +507,8 @@ __global__ void __launch_bounds__(kThreads, 2) bi_output(
           la[j][i] = s[i].a, lb[j][i] = s[i].b, lm[j][i] = s[i].scale();
           s[i].push(kt[i], vt[i], T(1));
         }
-      }
-    }
-#pragma unroll
-    for (int j = kSub - 1; j >= 0; --j) {
-      if (j < count) {
-        const int64_t o = base + (t0 + j) * g.C;
+      },
+      [&](int j, int64_t o) {
         T kt[V], vt[V], out[V], lse_out[V];
         load_pack<scalar_t, V>(k + o, kt);
         load_pack<scalar_t, V>(v + o, vt);
@@ -519,9 +523,7 @@ __global__ void __launch_bounds__(kThreads, 2) bi_output(
         }
         store_pack<scalar_t, V>(y + o, out);
         store_pack<T, V>(lse + o, lse_out);
-      }
-    }
-  }
+      });
 }
 
 template <typename scalar_t, int V>
@@ -535,9 +537,8 @@ __global__ void __launch_bounds__(kThreads, 2) bi_grad_output(
   const int64_t idx = thread_index();
   if (idx >= g.B * g.N * (g.C / V)) return;
   const ChunkThread th = ChunkThread::of<V>(g, idx);
-  const int64_t base = th.token_offset(g), len = g.chunk_len(th.n);
   T uc[V], gstep[V], gu_sum[V];  // gstep: the gradient of the step exponent, -dL/dw
-  Decayed<T> left_in[V], r[V];
+  Decayed<T> left_in[V], s[V], r[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     uc[i] = u[th.c0 + i];
@@ -545,20 +546,17 @@ __global__ void __launch_bounds__(kThreads, 2) bi_grad_output(
     r[i] = entering_right.template load<true>(th.chunk_index(g) + i, w[th.c0 + i]);
     gstep[i] = gu_sum[i] = T(0);
   }
-  for (int64_t tile = (len - 1) / kSub; tile >= 0; --tile) {
-    const int64_t t0 = tile * kSub;
-    const int count = static_cast<int>(min(static_cast<int64_t>(kSub), len - t0));
-    Decayed<T> s[V];
-    T gk_left[kSub][V], gv_left[kSub][V];
+  T gk_left[kSub][V], gv_left[kSub][V];
+  walk_tiles(
+      g, th,
+      [&](int64_t tile, int64_t t0) {
 #pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const auto local = tile_starts.template load<true>(th.tile_index(g, tile) + i, w[th.c0 + i]);
-      s[i] = left_in[i].then(static_cast<T>(t0), local);
-    }
-#pragma unroll
-    for (int j = 0; j < kSub; ++j) {
-      if (j < count) {
-        const int64_t o = base + (t0 + j) * g.C;
+        for (int i = 0; i < V; ++i) {
+          const auto local = tile_starts.template load<true>(th.tile_index(g, tile) + i, w[th.c0 + i]);
+          s[i] = left_in[i].then(static_cast<T>(t0), local);
+        }
+      },
+      [&](int j, int64_t o) {
         T kt[V], vt[V];
         Term<T> term[V];
         load_pack<scalar_t, V>(k + o, kt);
@@ -572,12 +570,8 @@ __global__ void __launch_bounds__(kThreads, 2) bi_grad_output(
           gstep[i] += earlier * (vt[i] * s[i].da + s[i].db);
           s[i].push(term[i].x, term[i].va, term[i].vb);
         }
-      }
-    }
-#pragma unroll
-    for (int j = kSub - 1; j >= 0; --j) {
-      if (j < count) {
-        const int64_t o = base + (t0 + j) * g.C;
+      },
+      [&](int j, int64_t o) {
         T kt[V], vt[V], gk_out[V], gv_out[V];
         Term<T> term[V];  // x = -lse, va = dL/dwkv, vb = -va wkv
         load_pack<scalar_t, V>(k + o, kt);
@@ -595,9 +589,7 @@ __global__ void __launch_bounds__(kThreads, 2) bi_grad_output(
         }
         store_pack<scalar_t, V>(gk + o, gk_out);
         store_pack<scalar_t, V>(gv + o, gv_out);
-      }
-    }
-  }
+      });
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     gw[th.chunk_index(g) + i] = -gstep[i];
