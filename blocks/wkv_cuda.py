@@ -63,11 +63,13 @@ def _register_python_rules() -> None:
                 torch.empty_like(state))
 
     @torch.library.register_fake("zoo::biwkv_forward")
-    def _(w, u, k, v):
-        return torch.empty_like(k), torch.empty(k.shape, dtype=_compute_dtype(k), device=k.device)
+    def _(w, u, k, v, keep_den):
+        words = 2 if k.element_size() >= 4 else 1  # (exponent, scaled denominator) pairs, or the log (cuda/wkv.cu)
+        den_shape = (*k.shape, words) if keep_den else (0,)
+        return torch.empty_like(k), torch.empty(den_shape, dtype=_compute_dtype(k), device=k.device)
 
     @torch.library.register_fake("zoo::biwkv_backward")
-    def _(w, u, k, v, y, lse, gy):
+    def _(w, u, k, v, y, den, gy):
         wu = torch.empty(w.shape, dtype=_compute_dtype(k), device=k.device)
         return wu, torch.empty_like(wu), torch.empty_like(k), torch.empty_like(v)
 
@@ -84,13 +86,16 @@ def _register_python_rules() -> None:
         return (gw.to(w.dtype), gu.to(u.dtype), gk, gv, g_aa.to(aa.dtype), g_bb.to(bb.dtype), g_pp.to(pp.dtype))
 
     def biwkv_setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs, *output)
+        ctx.keep_den = inputs[4]
+        ctx.save_for_backward(*inputs[:4], *output)
 
-    def biwkv_backward(ctx, gy, _glse):
-        """lse (log of each denominator) is saved for this backward and has no gradient of its own."""
-        w, u, k, v, y, lse = ctx.saved_tensors
-        gw, gu, gk, gv = torch.ops.zoo.biwkv_backward(w, u, k, v, y, lse, gy.to(k.dtype))
-        return gw.to(w.dtype), gu.to(u.dtype), gk, gv
+    def biwkv_backward(ctx, gy, _gden):
+        """The denominators are kept by the forward for this backward and have no gradient of their own."""
+        if not ctx.keep_den:
+            raise RuntimeError("zoo::biwkv_forward ran with keep_den=False, which keeps nothing for a backward")
+        w, u, k, v, y, den = ctx.saved_tensors
+        gw, gu, gk, gv = torch.ops.zoo.biwkv_backward(w, u, k, v, y, den, gy.to(k.dtype))
+        return gw.to(w.dtype), gu.to(u.dtype), gk, gv, None
 
     torch.library.register_autograd("zoo::wkv4_forward", wkv4_backward, setup_context=wkv4_setup)
     torch.library.register_autograd("zoo::biwkv_forward", biwkv_backward, setup_context=biwkv_setup)

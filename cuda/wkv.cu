@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <vector>
 #include <type_traits>
 
 namespace {
@@ -42,6 +43,18 @@ constexpr double kEmpty = -1e38;                      // m of an empty sum
 template <typename scalar_t>
 using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
+// Weights that add e^{x_old} A_old and e^{x_new} A_new scaled by the larger exponential, from d = x_new - x_old:
+// e^{-|d|} for the smaller side, 1 for the larger. One exp instead of two.
+template <typename T>
+struct Weights {
+  T old_side, new_side;
+  bool new_larger;
+  __device__ __forceinline__ static Weights of(T d) {
+    const T e = exp(-abs(d));
+    return d > 0 ? Weights{e, T(1), true} : Weights{T(1), e, false};
+  }
+};
+
 template <typename T>
 struct Decayed {
   T a, b, da, db;
@@ -50,40 +63,40 @@ struct Decayed {
   __device__ __forceinline__ static Decayed empty(T w) { return {T(0), T(0), T(0), T(0), T(kEmpty), T(0), w}; }
 
   // The scale e^scale of (a, b). Counting steps instead of adding w to m every step keeps m from collecting a
-  // rounding error per token (with |w| << |m|, m + w rounds w by up to half an ulp of m).
+  // rounding error per token (with |w| << |m|, m + w rounds w by up to half an ulp of m). For the same reason
+  // exponent differences are taken as (x - m) + steps w, not x - scale(): m and x are close floats, so x - m is
+  // exact, and each term keeps its own exponent instead of one rounded at the magnitude of m.
   __device__ __forceinline__ T scale() const { return m + n * w; }
 
   // One step later, then the next token: S <- e^w S + e^x (va, vb), dS <- e^w (dS + S).
   __device__ __forceinline__ void push(T x, T va, T vb) {
-    const T decayed = m + (n + 1) * w, top = max(decayed, x);
-    const T e1 = exp(decayed - top), e2 = exp(x - top);
-    da = e1 * (da + a);
-    db = e1 * (db + b);
-    a = e1 * a + e2 * va;
-    b = e1 * b + e2 * vb;
-    const bool rescaled = x > decayed;
-    m = rescaled ? x : m;
-    n = rescaled ? T(0) : n + 1;
+    const auto e = Weights<T>::of((x - m) - (n + 1) * w);
+    da = e.old_side * (da + a);
+    db = e.old_side * (db + b);
+    a = e.old_side * a + e.new_side * va;
+    b = e.old_side * b + e.new_side * vb;
+    m = e.new_larger ? x : m;
+    n = e.new_larger ? T(0) : n + 1;
   }
 
-  // Adds e^x (va, vb) at distance d without decaying what is there: a sum seen from the chunk's other end.
-  __device__ __forceinline__ void add(T x, T d, T va, T vb) {
-    const T top = max(m, x);
-    const T e1 = exp(m - top), e2 = exp(x - top);
-    da = e1 * da + d * e2 * va;
-    db = e1 * db + d * e2 * vb;
-    a = e1 * a + e2 * va;
-    b = e1 * b + e2 * vb;
-    m = top;
+  // Adds e^{x + t w} (va, vb), a token t steps from the reference point, without decaying what is there:
+  // a sum seen from the chunk's other end, whose distance weights count t.
+  __device__ __forceinline__ void add(T x, T t, T va, T vb) {
+    const auto e = Weights<T>::of((x - m) + (t - n) * w);
+    da = e.old_side * da + t * e.new_side * va;
+    db = e.old_side * db + t * e.new_side * vb;
+    a = e.old_side * a + e.new_side * va;
+    b = e.old_side * b + e.new_side * vb;
+    m = e.new_larger ? x : m;
+    n = e.new_larger ? t : n;
   }
 
   // This sum `steps` steps later, followed by `next`, the sum over those steps' tokens.
   __device__ __forceinline__ Decayed then(T steps, const Decayed& next) const {
-    const T decayed = m + (n + steps) * w, later = next.scale(), top = max(decayed, later);
-    const T e1 = exp(decayed - top), e2 = exp(later - top);
-    const bool rescaled = later > decayed;
-    return {e1 * a + e2 * next.a, e1 * b + e2 * next.b, e1 * (da + steps * a) + e2 * next.da,
-            e1 * (db + steps * b) + e2 * next.db, rescaled ? next.m : m, rescaled ? next.n : n + steps, w};
+    const auto e = Weights<T>::of((next.m - m) + (next.n - n - steps) * w);
+    return {e.old_side * a + e.new_side * next.a, e.old_side * b + e.new_side * next.b,
+            e.old_side * (da + steps * a) + e.new_side * next.da, e.old_side * (db + steps * b) + e.new_side * next.db,
+            e.new_larger ? next.m : m, e.new_larger ? next.n : n + steps, w};
   }
 
   // The same sum in lane `lane - offset` of the warp (for the scan over chunks).
@@ -124,10 +137,9 @@ struct Emitted {
 // wkv of token (k, v) against the sum s of the tokens before it; the bonus term e^{u+k} joins s.
 template <typename T>
 __device__ __forceinline__ Emitted<T> emit(const Decayed<T>& s, T bonus, T v) {
-  const T scale = s.scale(), p = max(scale, bonus);
-  const T e1 = exp(scale - p), e2 = exp(bonus - p);
-  const T den = e1 * s.b + e2;
-  return {(e1 * s.a + e2 * v) / den, den, p};
+  const auto e = Weights<T>::of((bonus - s.m) - s.n * s.w);
+  const T den = e.old_side * s.b + e.new_side;
+  return {(e.old_side * s.a + e.new_side * v) / den, den, e.new_larger ? bonus : s.scale()};
 }
 
 struct Layout {
@@ -208,15 +220,22 @@ __device__ __forceinline__ void walk_tiles(const Layout& g, const ChunkThread& t
 // right to left: `start` is the sum before the first chunk walked, `summaries` each chunk's own sum; the sum
 // after the last chunk goes to `finish`. One warp per (batch, channel): each lane combines a run of chunks,
 // the warp scans the 32 runs with shuffles, then each lane walks its run again from the sum entering it.
-template <typename T, bool kReverse, bool kDistance>
-__global__ void chunk_scan(Layout g, const T* __restrict__ w, DecayedArray<T> start, DecayedArray<T> summaries,
-                           DecayedArray<T> entering, DecayedArray<T> finish) {
+// Two independent scans (the two sides of Bi-WKV) share a launch: blockIdx.y picks one.
+template <typename T>
+struct ScanSide {
+  DecayedArray<T> start, summaries, entering, finish;
+  bool reverse;
+};
+
+template <typename T, bool kDistance>
+__global__ void chunk_scan(Layout g, const T* __restrict__ w, ScanSide<T> first_side, ScanSide<T> second_side) {
   const int64_t row = thread_index() / 32;  // b * C + c; whole warps leave together
   const int lane = threadIdx.x % 32;
   if (row >= g.B * g.C) return;
+  const auto& [start, summaries, entering, finish, reverse] = blockIdx.y == 0 ? first_side : second_side;
   const int64_t c = row % g.C, b = row / g.C, per_lane = (g.N + 31) / 32;
   const int64_t first = std::min(g.N, lane * per_lane), last = std::min(g.N, first + per_lane);
-  const auto chunk = [&](int64_t i) { return kReverse ? g.N - 1 - i : i; };
+  const auto chunk = [&](int64_t i) { return reverse ? g.N - 1 - i : i; };
   const auto index = [&](int64_t n) { return (b * g.N + n) * g.C + c; };
   const T wc = w[c];
   Decayed<T> run = Decayed<T>::empty(wc);
@@ -267,7 +286,7 @@ __global__ void two_way_summary(Layout g, const T* __restrict__ w, Terms terms, 
     for (int i = 0; i < V; ++i) {
       if (t % kSub == 0) tile_starts.template store<kDistance>(th.tile_index(g, t / kSub) + i, left[i]);
       left[i].push(term[i].x, term[i].va, term[i].vb);
-      right[i].add(static_cast<T>(t) * left[i].w + term[i].x, static_cast<T>(t), term[i].va, term[i].vb);
+      right[i].add(term[i].x, static_cast<T>(t), term[i].va, term[i].vb);
     }
   }
 #pragma unroll
@@ -366,7 +385,7 @@ __global__ void causal_grad_summary(Layout g, const acc_t<scalar_t>* __restrict_
       if (t % kSub == 0) tile_starts.template store<false>(th.tile_index(g, t / kSub) + i, s[i]);
       const Emitted<T> e = emit(s[i], uc[i] + kt[i], vt[i]);
       const T alpha = gt[i] / e.den;
-      grad[i].add(static_cast<T>(t) * s[i].w - e.p, static_cast<T>(t), alpha, -alpha * e.y);
+      grad[i].add(-e.p, static_cast<T>(t), alpha, -alpha * e.y);
       s[i].push(kt[i], vt[i], T(1));
     }
   }
@@ -440,7 +459,13 @@ __global__ void __launch_bounds__(kThreads, 2) causal_grad_output(
 
 // ---------------------------------------------------------------------------------------------------------
 // Bidirectional forward and backward. Here w is the step exponent -w_user: left and right sums both decay
-// by e^w per token. lse_t = log(den_t) is kept for the backward, where alpha_t = dL/dwkv_t e^{-lse_t}.
+// by e^w per token. The forward can keep each token's denominator den_t for the backward, where
+// alpha_t = dL/dwkv_t / den_t: for fp32/fp64 inputs as the pair (p_t, d_t), den_t = e^{p_t} d_t, so that the
+// backward's term exponent -p_t is an exact float (log den_t rounded to fp32, at |log den_t| ~ 20, would put
+// every term off by 1e-6, and the signed sums of the gradients amplify that); for 16-bit inputs, whose
+// gradients need 1e-2, as log den_t in fp32, half the bytes.
+template <typename scalar_t>
+constexpr int kDenWords = sizeof(scalar_t) >= 4 ? 2 : 1;
 
 template <typename scalar_t>
 struct TokenTerms {  // forward terms: e^{k_t} (v_t, 1)
@@ -456,17 +481,21 @@ struct TokenTerms {  // forward terms: e^{k_t} (v_t, 1)
 };
 
 template <typename scalar_t>
-struct GradTerms {  // backward terms: e^{-lse_t} (g_t, -g_t y_t)
+struct GradTerms {  // backward terms: (g_t, -g_t y_t) / den_t
   const scalar_t *gy, *y;
-  const acc_t<scalar_t>* lse;
+  const acc_t<scalar_t>* den;
   template <int V>
   __device__ __forceinline__ void load(int64_t o, Term<acc_t<scalar_t>> (&out)[V]) const {
-    acc_t<scalar_t> gt[V], yt[V], lt[V];
+    constexpr int W = kDenWords<scalar_t>;
+    acc_t<scalar_t> gt[V], yt[V], words[W * V];
     load_pack<scalar_t, V>(gy + o, gt);
     load_pack<scalar_t, V>(y + o, yt);
-    load_pack<acc_t<scalar_t>, V>(lse + o, lt);
+    load_pack<acc_t<scalar_t>, W * V>(den + W * o, words);
 #pragma unroll
-    for (int i = 0; i < V; ++i) out[i] = {-lt[i], gt[i], -gt[i] * yt[i]};
+    for (int i = 0; i < V; ++i) {
+      const acc_t<scalar_t> scale = W == 2 ? 1 / words[W * i + 1] : 1;
+      out[i] = {-words[W * i], gt[i] * scale, -gt[i] * yt[i] * scale};
+    }
   }
 };
 
@@ -475,7 +504,7 @@ __global__ void __launch_bounds__(kThreads, 2) bi_output(
     Layout g, const acc_t<scalar_t>* __restrict__ w, const acc_t<scalar_t>* __restrict__ u,
     const scalar_t* __restrict__ k, const scalar_t* __restrict__ v, DecayedArray<acc_t<scalar_t>> entering_left,
     DecayedArray<acc_t<scalar_t>> entering_right, DecayedArray<acc_t<scalar_t>> tile_starts, scalar_t* __restrict__ y,
-    acc_t<scalar_t>* __restrict__ lse) {
+    acc_t<scalar_t>* __restrict__ den) {  // den: nullptr when not kept
   using T = acc_t<scalar_t>;
   const int64_t idx = thread_index();
   if (idx >= g.B * g.N * (g.C / V)) return;
@@ -509,20 +538,25 @@ __global__ void __launch_bounds__(kThreads, 2) bi_output(
         }
       },
       [&](int j, int64_t o) {
-        T kt[V], vt[V], out[V], lse_out[V];
+        constexpr int W = kDenWords<scalar_t>;
+        T kt[V], vt[V], out[V], words[W * V];
         load_pack<scalar_t, V>(k + o, kt);
         load_pack<scalar_t, V>(v + o, vt);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           const T bonus = uc[i] + kt[i], right = r[i].scale(), top = max(max(lm[j][i], right), bonus);
           const T el = exp(lm[j][i] - top), er = exp(right - top), eb = exp(bonus - top);
-          const T den = el * lb[j][i] + er * r[i].b + eb;
-          out[i] = (el * la[j][i] + er * r[i].a + eb * vt[i]) / den;
-          lse_out[i] = top + log(den);
+          const T d = el * lb[j][i] + er * r[i].b + eb;
+          out[i] = (el * la[j][i] + er * r[i].a + eb * vt[i]) / d;
+          if constexpr (W == 2) {
+            words[2 * i] = top, words[2 * i + 1] = d;
+          } else {
+            words[i] = top + log(d);
+          }
           r[i].push(kt[i], vt[i], T(1));
         }
         store_pack<scalar_t, V>(y + o, out);
-        store_pack<T, V>(lse + o, lse_out);
+        if (den != nullptr) store_pack<T, W * V>(den + W * o, words);
       });
 }
 
@@ -573,7 +607,7 @@ __global__ void __launch_bounds__(kThreads, 2) bi_grad_output(
       },
       [&](int j, int64_t o) {
         T kt[V], vt[V], gk_out[V], gv_out[V];
-        Term<T> term[V];  // x = -lse, va = dL/dwkv, vb = -va wkv
+        Term<T> term[V];  // e^{-p} (dL/dwkv, -dL/dwkv wkv) / d
         load_pack<scalar_t, V>(k + o, kt);
         load_pack<scalar_t, V>(v + o, vt);
         terms.load(o, term);
@@ -669,11 +703,23 @@ void check_tokens(const char* op, const at::Tensor& w, const at::Tensor& u, std:
 
 at::Tensor as_arithmetic(const at::Tensor& t, at::ScalarType type) { return t.to(type).contiguous(); }
 
-template <typename T, bool kReverse, bool kDistance>
-void scan_chunks(const Layout& g, const T* w, const DecayedStorage& start, const DecayedStorage& summaries,
-                 const DecayedStorage& entering, const DecayedStorage& finish) {
-  chunk_scan<T, kReverse, kDistance><<<blocks_for(g.B * g.C * 32), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      g, w, start.view<T>(), summaries.view<T>(), entering.view<T>(), finish.view<T>());
+// A scan over chunks: from `start` through the chunks' `summaries` (right to left when `reverse`), the sums
+// `entering` every chunk and the sum after the last one (`finish`).
+struct Scan {
+  const DecayedStorage &start, &summaries, &entering, &finish;
+  bool reverse;
+  template <typename T>
+  ScanSide<T> side() const {
+    return {start.view<T>(), summaries.view<T>(), entering.view<T>(), finish.view<T>(), reverse};
+  }
+};
+
+// Runs one scan, or two independent ones in one launch.
+template <typename T, bool kDistance>
+void scan_chunks(const Layout& g, const T* w, const Scan& first, const Scan* second = nullptr) {
+  const dim3 grid(blocks_for(g.B * g.C * 32), second == nullptr ? 1 : 2);
+  chunk_scan<T, kDistance><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      g, w, first.side<T>(), (second == nullptr ? first : *second).side<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -689,7 +735,7 @@ void causal_states(const Layout& g, const at::Tensor& w, const at::Tensor& k, co
     causal_summary<scalar_t, V><<<blocks_for(g.B * g.N * (g.C / V)), kThreads, 0, stream>>>(
         g, w.data_ptr<T>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), summaries.view<T>());
   });
-  scan_chunks<T, false, false>(g, w.data_ptr<T>(), start, summaries, entering, finish);
+  scan_chunks<T, false>(g, w.data_ptr<T>(), Scan{start, summaries, entering, finish, false});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_forward(
@@ -756,7 +802,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       causal_grad_summary<scalar_t, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
           g, wp, up, kp, vp, gyp, entering.view<T>(), tile_starts.view<T>(), from_right.view<T>());
     });
-    scan_chunks<T, true, true>(g, wp, seed, from_right, entering_right, before_first);
+    scan_chunks<T, true>(g, wp, Scan{seed, from_right, entering_right, before_first, true});
     with_width(C, kTileWidth, [&](auto width) {
       constexpr int V = decltype(width)::value;
       causal_grad_output<scalar_t, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
@@ -774,8 +820,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           aa * gaa_in + bb * gbb_in};
 }
 
+// The shape of the denominators biwkv_forward keeps for the backward (see kDenWords).
+std::vector<int64_t> den_shape(const at::Tensor& k) {
+  const int64_t words = k.element_size() >= 4 ? 2 : 1;
+  return {k.size(0), k.size(1), k.size(2), words};
+}
+
+// wkv and, when keep_den, the denominators the backward needs (else an empty tensor: inference writes less).
 std::tuple<at::Tensor, at::Tensor> biwkv_forward(const at::Tensor& w_, const at::Tensor& u_, const at::Tensor& k_,
-                                                 const at::Tensor& v_) {
+                                                 const at::Tensor& v_, bool keep_den) {
   check_tokens("biwkv_forward", w_, u_, {k_, v_});
   const int64_t B = k_.size(0), T = k_.size(1), C = k_.size(2);
   const c10::cuda::CUDAGuard guard(k_.device());
@@ -786,9 +839,10 @@ std::tuple<at::Tensor, at::Tensor> biwkv_forward(const at::Tensor& w_, const at:
   const auto from_left = decayed_storage(B, g.N, C, opts), from_right = decayed_storage(B, g.N, C, opts);
   const auto entering_left = decayed_storage(B, g.N, C, opts), entering_right = decayed_storage(B, g.N, C, opts);
   const auto tile_starts = decayed_storage(B, g.N * g.tiles(), C, opts);
-  const auto empty = empty_sums(B, C, opts), unused = decayed_storage(B, 1, C, opts);
+  const auto empty = empty_sums(B, C, opts);
+  const auto unused_left = decayed_storage(B, 1, C, opts), unused_right = decayed_storage(B, 1, C, opts);
   auto y = at::empty_like(k);
-  auto lse = at::empty(k.sizes(), opts);
+  auto den = keep_den ? at::empty(den_shape(k), opts) : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "biwkv_forward", [&] {
     using T = acc_t<scalar_t>;
     auto stream = at::cuda::getCurrentCUDAStream();
@@ -799,49 +853,52 @@ std::tuple<at::Tensor, at::Tensor> biwkv_forward(const at::Tensor& w_, const at:
       two_way_summary<T, false, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
           g, wp, TokenTerms<scalar_t>{kp, vp}, from_left.view<T>(), from_right.view<T>(), tile_starts.view<T>());
     });
-    scan_chunks<T, false, false>(g, wp, empty, from_left, entering_left, unused);
-    scan_chunks<T, true, false>(g, wp, empty, from_right, entering_right, unused);
+    const Scan right{empty, from_right, entering_right, unused_right, true};
+    scan_chunks<T, false>(g, wp, Scan{empty, from_left, entering_left, unused_left, false}, &right);
     with_width(C, kTileWidth, [&](auto width) {
       constexpr int V = decltype(width)::value;
       bi_output<scalar_t, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
           g, wp, u.data_ptr<T>(), kp, vp, entering_left.view<T>(), entering_right.view<T>(), tile_starts.view<T>(),
-          y.data_ptr<scalar_t>(), lse.data_ptr<T>());
+          y.data_ptr<scalar_t>(), keep_den ? den.data_ptr<T>() : nullptr);
     });
   });
-  return {y, lse};
+  return {y, den};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biwkv_backward(
     const at::Tensor& w_, const at::Tensor& u_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& y_,
-    const at::Tensor& lse_, const at::Tensor& gy_) {
+    const at::Tensor& den_, const at::Tensor& gy_) {
   check_tokens("biwkv_backward", w_, u_, {k_, v_, y_, gy_});
   const int64_t B = k_.size(0), T = k_.size(1), C = k_.size(2);
   const c10::cuda::CUDAGuard guard(k_.device());
   const auto type = arithmetic_type(k_.scalar_type());
   const auto opts = k_.options().dtype(type);
-  TORCH_CHECK(lse_.sizes() == k_.sizes() && lse_.scalar_type() == type, "biwkv_backward: lse must be [B, T, C] ", type);
+  TORCH_CHECK(den_.sizes() == at::IntArrayRef(den_shape(k_)) && den_.scalar_type() == type,
+              "biwkv_backward: den must be ", den_shape(k_), " ", type, " (biwkv_forward with keep_den), got ",
+              den_.sizes(), " ", den_.scalar_type());
   const auto step = as_arithmetic(-w_, type), u = as_arithmetic(u_, type);
   const auto k = k_.contiguous(), v = v_.contiguous(), y = y_.contiguous(), gy = gy_.contiguous();
-  const auto lse = lse_.contiguous();
+  const auto den = den_.contiguous();
   const Layout g = make_layout(B, T, C, channel_width(C, kTileWidth), kTargetThreads);
   const auto from_left = decayed_storage(B, g.N, C, opts), from_right = decayed_storage(B, g.N, C, opts);
   const auto entering_left = decayed_storage(B, g.N, C, opts), entering_right = decayed_storage(B, g.N, C, opts);
   const auto tile_starts = decayed_storage(B, g.N * g.tiles(), C, opts);
-  const auto empty = empty_sums(B, C, opts), unused = decayed_storage(B, 1, C, opts);
+  const auto empty = empty_sums(B, C, opts);
+  const auto unused_left = decayed_storage(B, 1, C, opts), unused_right = decayed_storage(B, 1, C, opts);
   auto gk = at::empty_like(k), gv = at::empty_like(v);
   auto gw = at::empty({B, g.N, C}, opts), gu = at::empty({B, g.N, C}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "biwkv_backward", [&] {
     using T = acc_t<scalar_t>;
     auto stream = at::cuda::getCurrentCUDAStream();
     const T* wp = step.data_ptr<T>();
-    const GradTerms<scalar_t> terms{gy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), lse.data_ptr<T>()};
+    const GradTerms<scalar_t> terms{gy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), den.data_ptr<T>()};
     with_width(C, kMaxWidth, [&](auto width) {
       constexpr int V = decltype(width)::value;
       two_way_summary<T, true, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
           g, wp, terms, from_left.view<T>(), from_right.view<T>(), tile_starts.view<T>());
     });
-    scan_chunks<T, false, true>(g, wp, empty, from_left, entering_left, unused);
-    scan_chunks<T, true, true>(g, wp, empty, from_right, entering_right, unused);
+    const Scan right{empty, from_right, entering_right, unused_right, true};
+    scan_chunks<T, true>(g, wp, Scan{empty, from_left, entering_left, unused_left, false}, &right);
     with_width(C, kTileWidth, [&](auto width) {
       constexpr int V = decltype(width)::value;
       bi_grad_output<scalar_t, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
@@ -860,8 +917,8 @@ TORCH_LIBRARY(zoo, m) {
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("wkv4_backward(Tensor w, Tensor u, Tensor k, Tensor v, Tensor aa, Tensor bb, Tensor pp, Tensor pp_out, "
         "Tensor gy, Tensor gaa, Tensor gbb) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("biwkv_forward(Tensor w, Tensor u, Tensor k, Tensor v) -> (Tensor, Tensor)");
-  m.def("biwkv_backward(Tensor w, Tensor u, Tensor k, Tensor v, Tensor y, Tensor lse, Tensor gy) "
+  m.def("biwkv_forward(Tensor w, Tensor u, Tensor k, Tensor v, bool keep_den) -> (Tensor, Tensor)");
+  m.def("biwkv_backward(Tensor w, Tensor u, Tensor k, Tensor v, Tensor y, Tensor den, Tensor gy) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -121,15 +121,19 @@ def causal_grads(w, u, k, v, state, gy, device, dtype=None):
 
 @pytest.mark.parametrize("B,T,C", [(1, 1, 1), (2, 3, 1), (1, 200, 1000), (3, 100, 7), (2, 1000, 33)])
 def test_backward_fp32(B, T, C):
+    """Errors over the largest gradient of all seven: w, u and the state's gradients are sums that can cancel far
+    below their terms (T = 3 and a fast decay give gradients of 1e-7), where fp32 leaves errors of the terms' size
+    (measured over 600 draws: at most 7e-6 this way; up to 7e-5 of such a cancelled gradient's own size)."""
     w, u, k, v = inputs(B, T, C)
     _, _, k0, v0 = inputs(B, 5, C)
     _, s0 = wkv4_reference(w, u, k0 * 2, v0)
     gy = torch.randn(B, T, C)
     ref = causal_grads(w, u, k, v, s0, gy, "cpu", torch.float64)
     ours = causal_grads(w, u, k, v, [s.float() for s in s0], gy, "cuda", torch.float32)
+    scale = max(b.abs().max() for b in ref).item()
     for name, a, b in zip(("w", "u", "k", "v", "aa", "bb", "pp"), ours, ref):
         assert torch.isfinite(a).all(), name
-        assert rel_err(a, b, floor=1e-3) <= 1e-5, name  # floor: a lone gradient of cancelling terms (T = 1)
+        assert rel_err(a, b, floor=scale) <= 1e-5, name
 
 
 def test_backward_long_sequence():
@@ -251,8 +255,6 @@ def bi_grads(w, u, k, v, gy, fn, dtype):
 
 @pytest.mark.parametrize("B,T,C", [(1, 1, 1), (2, 5, 3), (1, 300, 1000), (3, 257, 7), (2, 2000, 16)])
 def test_biwkv_backward_fp32(B, T, C):
-    """3e-5, not issue 3's 1e-5: the backward reads the forward's log-denominators (lse, fp32, |lse| up to ~25
-    here, so rounded by up to 1e-6) and the signed sums over alpha_t amplify that; runs measured up to 1.3e-5."""
     w, u, k, v = bi_inputs(B, T, C)
     gy = torch.randn(B, T, C)
     ref = bi_grads(w, u, k, v, gy, biwkv_reference, torch.float64)
@@ -261,7 +263,7 @@ def test_biwkv_backward_fp32(B, T, C):
         if T == 1 and name != "v":  # wkv = v exactly: only v has a gradient, the others are rounding-size
             assert a.abs().max() <= 1e-6 * gy.abs().max(), name
         else:
-            assert rel_err(a, b) <= 3e-5, name
+            assert rel_err(a, b) <= 1e-5, name
 
 
 def test_biwkv_backward_bf16():
@@ -283,6 +285,14 @@ def test_biwkv_extreme_inputs():
     assert rel_err(biwkv(w.cuda(), u.cuda(), k.cuda(), v.cuda()), biwkv_reference(w, u, k, v)) <= 5e-5
     for a, b in zip(bi_grads(w, u, k, v, gy, biwkv, torch.float32), ref):
         assert torch.isfinite(a).all() and rel_err(a, b) <= 5e-5
+
+
+def test_biwkv_inference_keeps_no_denominators():
+    w, u, k, v = (x.cuda() for x in bi_inputs(2, 100, 6))
+    y, den = torch.ops.zoo.biwkv_forward(w, u, k, v, False)
+    assert den.numel() == 0
+    y_kept, den = torch.ops.zoo.biwkv_forward(w, u, k, v, True)
+    assert torch.equal(y, y_kept) and den.shape == (2, 100, 6, 2)  # (exponent, scaled denominator) per token
 
 
 def test_biwkv_gradcheck_fp64_kernel():
