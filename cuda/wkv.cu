@@ -279,6 +279,7 @@ __global__ void two_way_summary(Layout g, const T* __restrict__ w, Terms terms, 
   Decayed<T> left[V], right[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) left[i] = right[i] = Decayed<T>::empty(w[th.c0 + i]);
+#pragma unroll 4  // more loads in flight: 5% faster here (and 12% slower in the causal passes)
   for (int64_t t = 0, len = g.chunk_len(th.n); t < len; ++t) {
     Term<T> term[V];
     terms.load(base + t * g.C, term);
