@@ -29,8 +29,8 @@
 
 #include <algorithm>
 #include <tuple>
-#include <vector>
 #include <type_traits>
+#include <vector>
 
 namespace {
 
