@@ -87,6 +87,7 @@ def _register_python_rules() -> None:
 
     def biwkv_setup(ctx, inputs, output):
         ctx.keep_den = inputs[4]
+        ctx.set_materialize_grads(False)  # no zero gradient for den: a memset as large as two wkv outputs
         ctx.save_for_backward(*inputs[:4], *output)
 
     def biwkv_backward(ctx, gy, _gden):
@@ -94,6 +95,8 @@ def _register_python_rules() -> None:
         if not ctx.keep_den:
             raise RuntimeError("zoo::biwkv_forward ran with keep_den=False, which keeps nothing for a backward")
         w, u, k, v, y, den = ctx.saved_tensors
+        if gy is None:
+            return None, None, None, None, None
         gw, gu, gk, gv = torch.ops.zoo.biwkv_backward(w, u, k, v, y, den, gy.to(k.dtype))
         return gw.to(w.dtype), gu.to(u.dtype), gk, gv, None
 
