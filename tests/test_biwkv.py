@@ -6,16 +6,7 @@ import pytest
 import torch
 
 from blocks.biwkv import biwkv, biwkv_parallel, biwkv_recurrent, biwkv_reference
-
-
-def random_inputs(B, T, C, k_scale=3.0, dtype=torch.float32, seed=None):
-    """w and u as Vision-RWKV passes them: per-channel parameters divided by T; w of both signs."""
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
-    w = torch.randn(C, generator=g) * 4 / T
-    u = torch.randn(C, generator=g) * 4 / T
-    k = torch.randn(B, T, C, generator=g) * k_scale
-    v = torch.randn(B, T, C, generator=g)
-    return [x.to(dtype) for x in (w, u, k, v)]
+from wkv_inputs import biwkv_inputs
 
 
 def term_by_term(w, u, k, v):
@@ -40,7 +31,7 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("B,T,C", [(1, 1, 1), (2, 2, 3), (2, 13, 5)])
 def test_parallel_and_recurrent_forms_match_the_formula(B, T, C):
-    w, u, k, v = random_inputs(B, T, C, k_scale=1.0, dtype=torch.float64)
+    w, u, k, v = biwkv_inputs(B, T, C, k_scale=1.0, dtype=torch.float64)
     expected = term_by_term(w, u, k, v)
     assert rel_err(biwkv_reference(w, u, k, v), expected) <= 1e-12
     assert rel_err(biwkv_recurrent(w, u, k, v), expected) <= 1e-12
@@ -48,7 +39,7 @@ def test_parallel_and_recurrent_forms_match_the_formula(B, T, C):
 
 def test_parallel_form_blocks_query_rows(monkeypatch):
     module = importlib.import_module("blocks.biwkv")  # the package's `biwkv` attribute is the function
-    w, u, k, v = random_inputs(2, 40, 3, dtype=torch.float64)
+    w, u, k, v = biwkv_inputs(2, 40, 3, dtype=torch.float64)
     whole = biwkv_parallel(w, u, k, v)
     monkeypatch.setattr(module, "PARALLEL_BLOCK_ELEMENTS", 2 * 40 * 3 * 7)  # 7 rows a block, 6 blocks
     assert rel_err(biwkv_parallel(w, u, k, v), whole) <= 1e-15
@@ -68,18 +59,18 @@ def test_fp32_path_matches_reference_with_extreme_inputs():
 
 
 def test_half_inputs_return_their_dtype():
-    w, u, k, v = random_inputs(2, 30, 4, k_scale=1.0)
+    w, u, k, v = biwkv_inputs(2, 30, 4, k_scale=1.0)
     y = biwkv(w, u, k.bfloat16(), v.bfloat16())
     assert y.dtype == torch.bfloat16 and rel_err(y, biwkv_reference(w, u, k, v)) <= 1e-2
 
 
 def test_gradcheck():
-    w, u, k, v = (x.requires_grad_() for x in random_inputs(2, 9, 3, dtype=torch.float64))
+    w, u, k, v = (x.requires_grad_() for x in biwkv_inputs(2, 9, 3, dtype=torch.float64))
     assert torch.autograd.gradcheck(biwkv, (w, u, k, v))
 
 
 def test_bad_input_is_named():
-    w, u, k, v = random_inputs(1, 4, 3)
+    w, u, k, v = biwkv_inputs(1, 4, 3)
     with pytest.raises(ValueError, match=r"biwkv: w and u must be \[C=3\]"):
         biwkv(w[:2], u, k, v)
     with pytest.raises(ValueError, match="biwkv: k and v must both be"):

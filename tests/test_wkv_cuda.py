@@ -9,6 +9,7 @@ import torch
 from blocks import wkv_cuda
 from blocks.biwkv import biwkv, biwkv_recurrent, biwkv_reference
 from blocks.wkv import wkv4, wkv4_chunked, wkv4_reference
+from wkv_inputs import biwkv_inputs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -212,17 +213,10 @@ def test_gradients_through_a_carried_state_equal_one_call():
         assert rel_err(a, b) <= 1e-5
 
 
-def bi_inputs(B, T, C, dtype=torch.float32, k_scale=3.0):
-    g = torch.Generator().manual_seed(torch.seed())
-    w, u = torch.randn(C, generator=g) * 4 / T, torch.randn(C, generator=g) * 4 / T
-    k, v = torch.randn(B, T, C, generator=g) * k_scale, torch.randn(B, T, C, generator=g)
-    return w, u, k.to(dtype), v.to(dtype)
-
-
 @pytest.mark.parametrize("B,T,C", [(1, 1, 1), (2, 3, 1), (1, 100, 1000), (3, 257, 7), (2, 1000, 34),
                                    (4, 4096, 8)])
 def test_biwkv_forward_fp32(B, T, C):
-    w, u, k, v = (x.cuda() for x in bi_inputs(B, T, C))
+    w, u, k, v = (x.cuda() for x in biwkv_inputs(B, T, C))
     ref = biwkv_reference(w, u, k, v)
     poison_allocator()
     y = biwkv(w, u, k, v)
@@ -231,7 +225,7 @@ def test_biwkv_forward_fp32(B, T, C):
 
 
 def test_biwkv_long_sequence():
-    w, u, k, v = bi_inputs(1, 65537, 2)
+    w, u, k, v = biwkv_inputs(1, 65537, 2)
     ref = biwkv_recurrent(*(x.cuda() for x in (w, u, k, v)))
     poison_allocator()
     assert rel_err(biwkv(w.cuda(), u.cuda(), k.cuda(), v.cuda()), ref) <= 1e-5
@@ -239,7 +233,7 @@ def test_biwkv_long_sequence():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_biwkv_half(dtype):
-    w, u, k, v = (x.cuda() for x in bi_inputs(2, 777, 33, dtype, k_scale=1.0))
+    w, u, k, v = (x.cuda() for x in biwkv_inputs(2, 777, 33, dtype, k_scale=1.0))
     ref = biwkv_reference(w, u, k, v)
     poison_allocator()
     y = biwkv(w, u, k, v)
@@ -255,7 +249,7 @@ def bi_grads(w, u, k, v, gy, fn, dtype):
 
 @pytest.mark.parametrize("B,T,C", [(1, 1, 1), (2, 5, 3), (1, 300, 1000), (3, 257, 7), (2, 2000, 16)])
 def test_biwkv_backward_fp32(B, T, C):
-    w, u, k, v = bi_inputs(B, T, C)
+    w, u, k, v = biwkv_inputs(B, T, C)
     gy = torch.randn(B, T, C)
     ref = bi_grads(w, u, k, v, gy, biwkv_reference, torch.float64)
     for name, a, b in zip("wukv", bi_grads(w, u, k, v, gy, biwkv, torch.float32), ref):
@@ -267,7 +261,7 @@ def test_biwkv_backward_fp32(B, T, C):
 
 
 def test_biwkv_backward_bf16():
-    w, u, k, v = bi_inputs(2, 500, 24, torch.bfloat16, k_scale=1.0)
+    w, u, k, v = biwkv_inputs(2, 500, 24, torch.bfloat16, k_scale=1.0)
     gy = torch.randn(2, 500, 24).bfloat16()
     ref = bi_grads(w, u, k, v, gy, biwkv_reference, torch.float64)
     for a, b in zip(bi_grads(w, u, k, v, gy, biwkv, torch.bfloat16)[2:], ref[2:]):
@@ -288,7 +282,7 @@ def test_biwkv_extreme_inputs():
 
 
 def test_biwkv_inference_keeps_no_denominators():
-    w, u, k, v = (x.cuda() for x in bi_inputs(2, 100, 6))
+    w, u, k, v = (x.cuda() for x in biwkv_inputs(2, 100, 6))
     y, den = torch.ops.zoo.biwkv_forward(w, u, k, v, False)
     assert den.numel() == 0
     y_kept, den = torch.ops.zoo.biwkv_forward(w, u, k, v, True)
@@ -296,12 +290,12 @@ def test_biwkv_inference_keeps_no_denominators():
 
 
 def test_biwkv_gradcheck_fp64_kernel():
-    leaves = [x.cuda().double().requires_grad_() for x in bi_inputs(2, 41, 3, k_scale=1.0)]
+    leaves = [x.cuda().double().requires_grad_() for x in biwkv_inputs(2, 41, 3, k_scale=1.0)]
     assert torch.autograd.gradcheck(biwkv, leaves)
 
 
 def test_biwkv_noncontiguous_and_compiled():
-    w, u, k, v = (x.cuda() for x in bi_inputs(3, 64, 8))
+    w, u, k, v = (x.cuda() for x in biwkv_inputs(3, 64, 8))
     k_nc = k.transpose(0, 1).contiguous().transpose(0, 1)
     assert not k_nc.is_contiguous() and torch.equal(biwkv(w, u, k_nc, v), biwkv(w, u, k, v))
     leaves = [x.clone().requires_grad_() for x in (w, u, k, v)]
