@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,13 @@ def _cmd_train(args) -> None:
     from .data import DataError
     from .engine import NonFiniteLossError, train
 
+    if args.nproc < 1 or (args.nproc > 1 and "WORLD_SIZE" in os.environ):
+        sys.exit(f"zoo train: --nproc {args.nproc}: give N >= 1, and leave --nproc out under torchrun "
+                 "(it starts torchrun itself)")
+    if args.nproc > 1:
+        from .distributed import launch_torchrun
+
+        sys.exit(launch_torchrun(args.nproc, ["train", args.recipe, *args.overrides]))
     try:
         result = train(load_recipe(args.recipe, args.overrides))
     except (RecipeError, DataError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
@@ -29,9 +37,14 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model from a YAML recipe",
                        description="Train from a recipe (a YAML path or a packaged name such as "
                                    "lm/rwkv4-tiny-stdlib), with key=value overrides, e.g. max_steps=100 "
-                                   "out_dir=runs/x seed=1 resume=auto optim.lr=1e-3.")
+                                   "out_dir=runs/x seed=1 resume=auto optim.lr=1e-3 strategy=fsdp. Under "
+                                   "torchrun (torchrun --nproc_per_node N -m zoo train ...) every process "
+                                   "trains its share of the global batch.")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="processes on this machine (one per GPU): runs the same command under "
+                        "`torchrun --standalone --nproc_per_node N`")
     p.set_defaults(func=_cmd_train)
 
 

@@ -22,6 +22,7 @@ class RecipeError(ValueError):
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -53,12 +54,14 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ctx_len: int = 128
-    batch_size: int = 16            # sequences per micro-batch
+    batch_size: int = 16            # sequences per micro-batch and process (global batch: x grad_accum x processes)
     grad_accum: int = 1             # micro-batches per optimizer step
     max_steps: int = 1000
     l2wrap: bool = True             # official L2Wrap: push the largest logit of each position towards 0
     precision: str = "auto"         # auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32
-    device: str = "auto"            # auto, cpu, cuda, cuda:N
+    device: str = "auto"            # auto (under torchrun: this process's GPU, cuda:LOCAL_RANK), cpu, cuda, cuda:N
+    strategy: str = "ddp"           # data parallelism over torchrun's processes: ddp, or fsdp (FSDP2, per block)
+    grad_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
     threads: int = 0                # CPU threads for torch (0: torch's default)
     eval_every: int = 100
     eval_batches: int = 8
@@ -69,6 +72,8 @@ class TrainConfig:
     resume: Optional[str] = None    # a step checkpoint, a run directory (its latest checkpoint) or "auto"
 
     def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise RecipeError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.precision not in PRECISIONS:
             raise RecipeError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("ctx_len", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every"):

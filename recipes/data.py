@@ -22,6 +22,7 @@ from tqdm import tqdm
 from zoo.tokenizers import Tokenizer, get_tokenizer
 
 from .config import DataConfig
+from .distributed import Ranks
 
 __all__ = ["DataError", "TokenData", "stdlib_files", "text_files", "split_files", "tokenize_files", "pack_text",
            "load_lm_data", "evaluate_lm"]
@@ -159,20 +160,30 @@ def load_lm_data(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val")) ->
 
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, data: TokenData, batches: int, batch_size: int, ctx_len: int,
-                split: str = "val", seed: int = 1234, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """Mean loss (nats/token) and bits per byte on fixed, seeded windows of a split."""
+                split: str = "val", seed: int = 1234, amp_dtype: torch.dtype | None = None,
+                ranks: Ranks | None = None) -> dict[str, float]:
+    """Mean loss (nats/token) and bits per byte on fixed, seeded windows of a split.
+
+    Under several processes (`ranks`) each evaluates every world_size-th batch and the sums are reduced; every
+    rank runs the same number of forwards (a rank out of batches repeats one uncounted), as FSDP needs.
+    """
+    ranks = ranks or Ranks()
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     byte_len = data.bytes_per_token().to(device)
     generator = torch.Generator().manual_seed(seed)
+    windows = [data.sample(split, batch_size, ctx_len, generator) for _ in range(batches)]
     nll = n_bytes = n_tokens = 0.0
-    for _ in range(batches):
-        x, y = (t.to(device) for t in data.sample(split, batch_size, ctx_len, generator))
+    for first in range(0, batches, ranks.world_size):
+        i = first + ranks.rank
+        x, y = (t.to(device) for t in windows[min(i, batches - 1)])
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
-        nll += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
-        n_bytes += byte_len[y].sum().item()
-        n_tokens += y.numel()
+        if i < batches:
+            nll += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+            n_bytes += byte_len[y].sum().item()
+            n_tokens += y.numel()
+    nll, n_bytes, n_tokens = ranks.sum([nll, n_bytes, n_tokens])
     model.train(was_training)
     return {"loss": nll / n_tokens, "bpb": nll / math.log(2) / n_bytes, "tokens": n_tokens}

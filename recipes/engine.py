@@ -1,17 +1,26 @@
 """The training engine for language models: AdamW with the official RWKV parameter groups,
-warm-up + cosine, clipping, accumulation, bf16 autocast on GPU, L2Wrap, logs, plots, checkpoints.
+warm-up + cosine, clipping, accumulation, bf16 autocast on GPU, L2Wrap, logs, plots, checkpoints,
+one process or many (torchrun; DDP or FSDP2, see recipes.distributed).
 
-Batches are drawn from a generator seeded by (seed, step, micro-step), so a resumed run sees the
-same data as an uninterrupted one and reproduces its loss sequence.
+Each step's global batch is drawn from a generator seeded by (seed, step, micro-step) and split by
+rank, so a resumed run, or one with more processes at the same global batch, sees the same data as an
+uninterrupted single-process run and reproduces its loss sequence. Only rank 0 writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
+import json
+import logging
 import math
+import os
 import re
 import shutil
+import signal
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,11 +34,17 @@ from zoo.checkpoint import atomic_dir, load_weights, read_state_dict, write_mode
 
 from .config import OptimConfig, TrainConfig, to_yaml
 from .data import DataError, TokenData, evaluate_lm, load_lm_data
+from .distributed import Ranks, gradient_sync, init_ranks, wrap_model
 
 __all__ = ["train", "param_groups", "l2wrap_penalty", "lr_lambda", "latest_checkpoint", "NonFiniteLossError"]
 
 TRAINER_STATE = "trainer_state.pt"
+OPTIMIZER_DIR = "optimizer"         # torch.distributed.checkpoint files: sharded under FSDP, any world size reads them
+CHECKSUMS = "checksums.json"        # sha256 of every other file, written last
 STEP_DIR = re.compile(r"step_(\d+)$")
+FAULT_ENV = "ZOO_FAULT_INJECT"      # kill_after_step:N or kill_while_saving:N, for the kill-and-resume tests
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -77,18 +92,44 @@ def l2wrap_penalty(logits: Tensor) -> Tensor:
     return penalty - penalty.detach()
 
 
+def _file_digests(directory: Path) -> dict[str, str]:
+    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != CHECKSUMS}
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a step checkpoint cannot be resumed from (missing files, a checksum mismatch), or None if it can."""
+    if not (path / CHECKSUMS).exists() or not (path / TRAINER_STATE).exists():
+        return f"{CHECKSUMS} or {TRAINER_STATE} missing"
+    try:
+        expected = json.loads((path / CHECKSUMS).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"unreadable {CHECKSUMS} ({e})"
+    found = _file_digests(path)
+    bad = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
+    return f"files missing, extra or changed since written: {', '.join(bad)}" if bad else None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete step checkpoint of a run (temporary directories are never named step_N)."""
-    steps = [(int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("step_*") if (m := STEP_DIR.match(p.name))
-             and (p / TRAINER_STATE).exists()]
-    return max(steps)[1] if steps else None
+    """The newest step checkpoint of a run whose files match their checksums; a corrupt one is skipped with a
+    warning (temporary directories of interrupted writes are never named step_N)."""
+    steps = sorted(((int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("step_*")
+                    if (m := STEP_DIR.match(p.name))), reverse=True)
+    for _, path in steps:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("skipping checkpoint %s: %s", path, problem)
+    return None
 
 
 def _resolve_resume(resume: str, out_dir: Path) -> Path | None:
     if resume == "auto":
         return latest_checkpoint(out_dir)
     path = Path(resume)
-    if (path / TRAINER_STATE).exists():
+    if STEP_DIR.match(path.name) and path.is_dir():
+        if (problem := checkpoint_problem(path)) is not None:
+            raise FileNotFoundError(f"resume={resume!r}: cannot resume from this checkpoint: {problem}")
         return path
     found = latest_checkpoint(path)
     if found is None:
@@ -99,7 +140,8 @@ def _resolve_resume(resume: str, out_dir: Path) -> Path | None:
 class RunLogger:
     """Per-step CSV, TensorBoard scalars and a loss-curve PNG in the run directory."""
 
-    FIELDS = ["step", "loss", "lr", "tokens_per_s", "val_loss", "val_bpb"]
+    FIELDS = ["step", "loss", "lr", "tokens_per_s", "tokens_per_s_per_process", "step_ms", "peak_mem_gb",
+              "val_loss", "val_bpb"]
 
     def __init__(self, out_dir: Path, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
@@ -152,12 +194,6 @@ class RunLogger:
         self.tb.close()
 
 
-def _device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
@@ -175,102 +211,222 @@ def _build_model(cfg: TrainConfig, data: TokenData) -> nn.Module:
     return model
 
 
-def _save(path: Path, model, optimizer, scheduler, step: int, cfg: TrainConfig, keep_last: int) -> None:
-    with atomic_dir(path) as tmp:
-        write_model_files(model, tmp, cfg.model)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(), "recipe": asdict(cfg)}, tmp / TRAINER_STATE)
-    steps = sorted(p for p in path.parent.glob("step_*") if STEP_DIR.match(p.name))
-    for old in steps[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old)
+@contextlib.contextmanager
+def _one_process_is_intended():
+    """torch.distributed.checkpoint warns when it runs without a process group; a one-process run means it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _full_weights(model: nn.Module) -> dict[str, Tensor]:
+    """The whole model's weights on rank 0's CPU (gathered from FSDP shards; DDP's prefix removed); a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _save(path: Path, model: nn.Module, optimizer, scheduler, step: int, cfg: TrainConfig, ranks: Ranks) -> None:
+    """A step checkpoint, written by every rank into one temporary directory that rank 0 renames when complete:
+    model.safetensors + config.json (full weights), optimizer/ (torch.distributed.checkpoint), trainer_state.pt,
+    and checksums.json last."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    weights = _full_weights(model)
+    optim_state = get_optimizer_state_dict(model, optimizer)
+    with atomic_dir(path) if ranks.is_main else contextlib.nullcontext() as tmp:
+        tmp = ranks.broadcast(tmp)
+        with _one_process_is_intended():
+            dcp.save({"optimizer": optim_state}, checkpoint_id=tmp / OPTIMIZER_DIR)
+        ranks.barrier()
+        if ranks.is_main:
+            write_model_files(_unwrapped(model), tmp, cfg.model, state_dict=weights)
+            _inject_fault("kill_while_saving", step)
+            torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                        "recipe": asdict(cfg), "world_size": ranks.world_size}, tmp / TRAINER_STATE)
+            (tmp / CHECKSUMS).write_text(json.dumps(_file_digests(tmp), indent=1) + "\n")
+    ranks.barrier()
+    if ranks.is_main:
+        steps = sorted(p for p in path.parent.glob("step_*") if STEP_DIR.match(p.name))
+        for old in steps[:-cfg.keep_last] if cfg.keep_last > 0 else []:
+            shutil.rmtree(old)
+
+
+def _inject_fault(event: str, step: int) -> None:
+    """Fault injection for tests: with ZOO_FAULT_INJECT=<event>:<step>, rank 0 dies of SIGKILL at that point
+    (under torchrun the launcher then stops the other workers and the job fails)."""
+    if os.environ.get(FAULT_ENV) == f"{event}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _resume(path: Path, model: nn.Module, optimizer, cfg: TrainConfig) -> int:
+    """Optimizer state and RNG from a step checkpoint into a wrapped model's optimizer; returns the step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+    optim_state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the layout to read into
+    with _one_process_is_intended():
+        dcp.load(optim_state, checkpoint_id=path / OPTIMIZER_DIR)
+    set_optimizer_state_dict(model, optimizer, optim_state["optimizer"])
+    # the recipe governs lr, schedule and decay, so overrides given with resume= take effect;
+    # with an unchanged recipe this reproduces the saved scheduler state exactly
+    for group, fresh in zip(optimizer.param_groups, param_groups(_unwrapped(model), cfg.optim)):
+        group.update(initial_lr=fresh["lr"], weight_decay=fresh["weight_decay"], betas=tuple(cfg.optim.betas),
+                     eps=cfg.optim.eps)
+    torch.set_rng_state(state["rng"])
+    return state["step"]
+
+
+def _find_resume(cfg: TrainConfig, out_dir: Path, ranks: Ranks) -> Path | None:
+    """Rank 0 picks the checkpoint (verifying its checksums) and tells the others, or all raise its error."""
+    found = None
+    if cfg.resume and ranks.is_main:
+        try:
+            found = _resolve_resume(cfg.resume, out_dir)
+        except FileNotFoundError as e:
+            found = e
+    found = ranks.broadcast(found)
+    if isinstance(found, Exception):
+        raise found
+    return found
+
+
+def _clip_gradients(model: nn.Module, max_norm: float) -> None:
+    """Global-norm clipping; under FSDP the norm of the sharded gradients is reduced over ranks first."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads)
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, total)
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run a recipe; returns the first and final validation metrics and the run's paths."""
+    """Run a recipe (in every process of a torchrun job); returns the first and final validation metrics and the
+    run's paths."""
+    ranks = init_ranks(cfg.device, cfg.strategy)
+    try:
+        return _train(cfg, ranks)
+    finally:
+        ranks.close()
+
+
+def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = _device(cfg)
+    device = ranks.device
     amp_dtype = _amp_dtype(cfg, device)
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints"
+    if ranks.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_dir.glob(".step_*.tmp-*"):  # an interrupted checkpoint write
+            shutil.rmtree(stale)
 
     data = load_lm_data(cfg.data)
     model = _build_model(cfg, data).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.max_steps))
-
-    start_step, last_good = 0, None
-    resume_from = _resolve_resume(cfg.resume, out_dir) if cfg.resume else None
+    resume_from = _find_resume(cfg, out_dir, ranks)
     if resume_from is not None:
-        state = torch.load(resume_from / TRAINER_STATE, map_location="cpu", weights_only=True)
         load_weights(model, {k: v.to(device) for k, v in read_state_dict(resume_from)[0].items()}, str(resume_from))
-        optimizer.load_state_dict(state["optimizer"])
-        # the recipe governs lr, schedule and decay, so overrides given with resume= take effect;
-        # with an unchanged recipe this reproduces the saved scheduler state exactly
-        for group, fresh in zip(optimizer.param_groups, param_groups(model, cfg.optim)):
-            group.update(initial_lr=fresh["lr"], weight_decay=fresh["weight_decay"], betas=tuple(cfg.optim.betas),
-                         eps=cfg.optim.eps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.max_steps),
-                                                      last_epoch=state["step"] - 1)
-        torch.set_rng_state(state["rng"])
-        start_step, last_good = state["step"], resume_from
-        tqdm.write(f"resumed from {resume_from} at step {start_step}")
-    (out_dir / "recipe.yaml").write_text(to_yaml(cfg))
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing()
+    model = wrap_model(model, cfg.strategy, ranks)
+    optimizer = torch.optim.AdamW(param_groups(_unwrapped(model), cfg.optim), betas=tuple(cfg.optim.betas),
+                                  eps=cfg.optim.eps)
+    start_step, last_good = 0, None
+    if resume_from is not None:
+        start_step, last_good = _resume(resume_from, model, optimizer, cfg), resume_from
+        if ranks.is_main:
+            tqdm.write(f"resumed from {resume_from} at step {start_step}")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.max_steps),
+                                                  last_epoch=start_step - 1)
 
-    logger = RunLogger(out_dir, start_step)
+    global_batch = cfg.batch_size * cfg.grad_accum * ranks.world_size
+    tokens_per_step = global_batch * cfg.ctx_len
+    logger = None
+    if ranks.is_main:
+        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        tqdm.write(f"config:\n{to_yaml(cfg)}")
+        tqdm.write(f"global batch: {cfg.batch_size} sequences x {cfg.grad_accum} accumulation steps x "
+                   f"{ranks.world_size} processes ({cfg.strategy}, {device.type}) = {global_batch} sequences, "
+                   f"{tokens_per_step:,} tokens per step")
+        logger = RunLogger(out_dir, start_step)
 
     def validate(step: int) -> dict:
-        metrics = evaluate_lm(model, data, cfg.eval_batches, cfg.batch_size, cfg.ctx_len, amp_dtype=amp_dtype)
-        logger.log(step, val_loss=metrics["loss"], val_bpb=metrics["bpb"])
-        logger.plot()
+        metrics = evaluate_lm(model, data, cfg.eval_batches, cfg.batch_size, cfg.ctx_len, amp_dtype=amp_dtype,
+                              ranks=ranks)
+        if logger is not None:
+            logger.log(step, val_loss=metrics["loss"], val_bpb=metrics["bpb"])
+            logger.plot()
         return metrics
 
     first_val = validate(start_step) if start_step == 0 else None
     val = first_val
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.ctx_len
+    rows = slice(ranks.rank * cfg.batch_size, (ranks.rank + 1) * cfg.batch_size)  # this rank's share of a batch
     model.train()
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="train",
-               unit="step", mininterval=1, dynamic_ncols=True)
+               unit="step", mininterval=1, dynamic_ncols=True, disable=not ranks.is_main)
     try:
         for step in bar:
             t0 = time.perf_counter()
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
                 generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro)
-                x, y = (t.to(device) for t in data.sample("train", cfg.batch_size, cfg.ctx_len, generator))
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at step {step + 1}: stopping. Last good checkpoint: "
-                        f"{last_good or 'none written yet'} (lower optim.lr or check the data)")
-                objective = loss + (l2wrap_penalty(logits) if cfg.l2wrap else 0)
-                (objective / cfg.grad_accum).backward()
-                loss_sum += loss.item()
+                x, y = data.sample("train", cfg.batch_size * ranks.world_size, cfg.ctx_len, generator)
+                x, y = x[rows].to(device), y[rows].to(device)
+                with gradient_sync(model, micro == cfg.grad_accum - 1):
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        logits = model(x)
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                    mean_loss = ranks.mean([loss.item()])[0]
+                    if not math.isfinite(mean_loss):
+                        raise NonFiniteLossError(
+                            f"loss is {mean_loss} at step {step + 1}: stopping. Last good checkpoint: "
+                            f"{last_good or 'none written yet'} (lower optim.lr or check the data)")
+                    objective = loss + (l2wrap_penalty(logits) if cfg.l2wrap else 0)
+                    (objective / cfg.grad_accum).backward()
+                loss_sum += mean_loss
             if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                _clip_gradients(model, cfg.optim.grad_clip)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
-            rate = tokens_per_step / (time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
             train_loss = loss_sum / cfg.grad_accum
-            logger.log(done, loss=train_loss, lr=lr, tokens_per_s=rate)
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+            if logger is not None:
+                peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                logger.log(done, loss=train_loss, lr=lr, tokens_per_s=tokens_per_step / seconds,
+                           tokens_per_s_per_process=tokens_per_step / ranks.world_size / seconds,
+                           step_ms=1000 * seconds, peak_mem_gb=peak)
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_step / seconds:,.0f}",
+                                tok_s_proc=f"{tokens_per_step / ranks.world_size / seconds:,.0f}",
+                                **({"mem_gb": f"{peak:.1f}"} if peak is not None else {}), refresh=False)
             if done % cfg.eval_every == 0 or done == cfg.max_steps:
                 val = validate(done)
-                bar.write(f"step {done}: val loss {val['loss']:.4f}, val bits/byte {val['bpb']:.4f}")
+                if ranks.is_main:
+                    bar.write(f"step {done}: val loss {val['loss']:.4f}, val bits/byte {val['bpb']:.4f}")
             if done % cfg.save_every == 0 or done == cfg.max_steps:
                 last_good = ckpt_dir / f"step_{done:07d}"
-                _save(last_good, model, optimizer, scheduler, done, cfg, cfg.keep_last)
+                _save(last_good, model, optimizer, scheduler, done, cfg, ranks)
+            if ranks.is_main:
+                _inject_fault("kill_after_step", done)
     finally:
         bar.close()
-        logger.close()
-    zoo.save_checkpoint(model, out_dir / "model", name=cfg.model)
+        if logger is not None:
+            logger.close()
+    weights = _full_weights(model)
+    if ranks.is_main:
+        with atomic_dir(out_dir / "model") as tmp:
+            write_model_files(_unwrapped(model), tmp, cfg.model, state_dict=weights)
+    ranks.barrier()
     return {"first_val": first_val, "final_val": val, "model_dir": str(out_dir / "model"),
             "checkpoint": str(last_good) if last_good else None}

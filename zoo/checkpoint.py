@@ -48,7 +48,9 @@ def atomic_dir(path: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for f in tmp.iterdir():
+    for f in tmp.rglob("*"):
+        if not f.is_file():
+            continue
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     if path.exists():
@@ -60,9 +62,12 @@ def atomic_dir(path: str | os.PathLike):
         tmp.rename(path)
 
 
-def write_model_files(model: nn.Module, directory: Path, name: str | None = None) -> None:
-    """Write model.safetensors and config.json into an existing directory."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+def write_model_files(model: nn.Module, directory: Path, name: str | None = None,
+                      state_dict: dict[str, Tensor] | None = None) -> None:
+    """Write model.safetensors and config.json into an existing directory (the weights: `state_dict`, e.g.
+    gathered from shards, or the model's own)."""
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     save_file(tensors, str(directory / WEIGHTS))
     meta = {"format": FORMAT, "arch": model.arch, "name": name, "config": asdict(model.config)}
     (directory / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")

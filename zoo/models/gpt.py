@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from blocks import GPTBlock
 
@@ -48,6 +49,7 @@ class GPTLM(nn.Module):
         self.blocks = nn.ModuleList(GPTBlock(config.n_embd, config.heads) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.grad_checkpointing = False
         self.apply(self._init_weights)
 
     @staticmethod
@@ -66,8 +68,13 @@ class GPTLM(nn.Module):
             raise ValueError(f"sequence length {T} exceeds this GPT's ctx_len={self.config.ctx_len}")
         x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
         for block in self.blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() \
+                else block(x)
         return self.head(self.ln_f(x))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward instead of keeping them (timm's API)."""
+        self.grad_checkpointing = enable
 
     def no_weight_decay(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.dim() < 2}

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from blocks import STATE_ROWS, RWKV4Block
 
@@ -62,6 +63,7 @@ class RWKV4LM(nn.Module):
         self.blocks = nn.ModuleList(RWKV4Block(C, config.ffn_size, i, config.n_layer) for i in range(config.n_layer))
         self.ln_out = nn.LayerNorm(C)
         self.head = nn.Linear(C, config.vocab_size, bias=False)
+        self.grad_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -100,7 +102,11 @@ class RWKV4LM(nn.Module):
         x = self.emb(idx)
         new_state = []
         for i, block in enumerate(self.blocks):
-            x, s = block(x, None if state is None else state[i])
+            block_state = None if state is None else state[i]
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x, s = checkpoint(block, x, block_state, use_reentrant=False)
+            else:
+                x, s = block(x, block_state)
             new_state.append(s)
         logits = self.head(self.ln_out(x))
         return (logits, torch.stack(new_state)) if return_state else logits
@@ -112,6 +118,10 @@ class RWKV4LM(nn.Module):
             raise ValueError(f"forward_rnn takes token ids of shape [B], got {shape}")
         logits, state = self(token_ids[:, None], state=state, return_state=True)
         return logits[:, 0], state
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward instead of keeping them (timm's API)."""
+        self.grad_checkpointing = enable
 
     def no_weight_decay(self) -> set[str]:
         """Parameters the official trainer keeps out of weight decay: everything that is not a matrix."""
