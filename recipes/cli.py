@@ -59,6 +59,35 @@ def _cmd_data_text(args) -> None:
     print(json.dumps(meta["splits"], indent=2))
 
 
+def _cmd_data_shards(args) -> None:
+    from . import shards
+    from .data import DataError
+
+    out = Path(args.out)
+    try:
+        if args.kind == "text":
+            info = shards.write_text_shards(args.source, out, args.tokenizer, args.val_percent, args.text_key,
+                                            args.chunk_tokens, args.shard_samples)
+        elif args.kind == "images":
+            classes, samples = shards.image_folder_samples(Path(args.source))
+            info = shards.write_shards(samples, out, {"kind": "images", "classes": classes, "source": args.source},
+                                       args.shard_samples)
+        elif args.kind == "fashion-mnist":
+            folder = Path(args.source) if args.source else shards.FASHION_MNIST_DIR
+            info = {split: shards.write_shards(shards.fashion_mnist_samples(folder, idx_split), out / split,
+                                               {"kind": "images", "classes": shards.FASHION_MNIST_CLASSES,
+                                                "source": str(folder)}, args.shard_samples)
+                    for split, idx_split in (("train", "train"), ("test", "t10k"))}
+        else:
+            info = shards.write_shards(
+                shards.caption_samples(Path(args.source), args.image_root and Path(args.image_root),
+                                       args.image_column, args.caption_column),
+                out, {"kind": "captions", "source": args.source}, args.shard_samples)
+    except (DataError, FileNotFoundError, KeyError) as e:
+        sys.exit(f"zoo data shards {args.kind}: {e}")
+    print(json.dumps(info, indent=2))
+
+
 def add_data_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="prepare datasets", description="Prepare training data.")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="KIND")
@@ -73,3 +102,30 @@ def add_data_command(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--text-key", default="text", help="JSONL field holding the text")
     t.add_argument("--shard-tokens", type=int, default=100_000_000)
     t.set_defaults(func=_cmd_data_text)
+
+    w = data_sub.add_parser("shards", help="write webdataset shards (text, images, Fashion-MNIST, captions)",
+                            description="Write webdataset shards (shard-NNNNNN.tar, sizes.json, info.json) for "
+                                        "streaming, e.g. with torchrun on many processes.")
+    kinds = w.add_subparsers(dest="kind", required=True, metavar="KIND")
+    text = kinds.add_parser("text", help="tokenized text: OUT/train and OUT/val (split by file)")
+    text.add_argument("source", metavar="SOURCE", help="a folder of .txt/.md/.rst/.py/.jsonl files, or stdlib")
+    text.add_argument("--tokenizer", default="byte", help="byte, neox or world")
+    text.add_argument("--val-percent", type=float, default=5.0)
+    text.add_argument("--text-key", default="text", help="JSONL field holding the text")
+    text.add_argument("--chunk-tokens", type=int, default=4097, help="token ids per sample (>= ctx_len + 1)")
+    images = kinds.add_parser("images", help="an image folder with one sub-folder per class")
+    images.add_argument("source", metavar="ROOT")
+    fmnist = kinds.add_parser("fashion-mnist", help="Fashion-MNIST's IDX files: OUT/train and OUT/test")
+    fmnist.add_argument("source", metavar="FOLDER", nargs="?", default=None,
+                        help="folder of the IDX files (default: /usr/share/datasets/fashion-mnist, from Debian's "
+                             "dataset-fashion-mnist)")
+    captions = kinds.add_parser("captions", help="a CSV/TSV table of image paths and captions")
+    captions.add_argument("source", metavar="TABLE")
+    captions.add_argument("--image-root", default=None, help="folder relative image paths start from "
+                                                             "(default: the table's)")
+    captions.add_argument("--image-column", default="filepath")
+    captions.add_argument("--caption-column", default="title")
+    for kind in (text, images, fmnist, captions):
+        kind.add_argument("--out", required=True, help="output directory")
+        kind.add_argument("--shard-samples", type=int, default=10_000, help="samples per shard")
+        kind.set_defaults(func=_cmd_data_shards)

@@ -28,10 +28,13 @@ STRATEGIES = ("ddp", "fsdp")
 @dataclass
 class DataConfig:
     source: str = "stdlib"          # "stdlib" (the Python standard library's sources), a `zoo data text`
-                                    # shard directory, or a folder of .txt/.md/.py/.jsonl files
+                                    # token directory, a `zoo data shards text` webdataset directory
+                                    # (streamed), or a folder of .txt/.md/.py/.jsonl files
     tokenizer: str = "byte"         # byte, neox or world; must fit the model's vocab
     val_percent: float = 5.0        # share of files held out for validation (split by file, deterministic)
     text_key: str = "text"          # field holding the text in JSONL files
+    workers: int = 2                # loader worker processes per training process, for shard streams
+    shuffle_buffer: int = 1000      # samples shuffled together in a shard stream
 
 
 @dataclass

@@ -119,6 +119,7 @@ class TokenData:
 
     tokenizer: Tokenizer
     splits: dict[str, list[np.ndarray]]
+    train_shards: Path | None = None   # text shards streamed for training instead of splits["train"]
 
     def sample(self, split: str, batch_size: int, ctx_len: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """batch_size random windows: inputs x [B, ctx_len] and next-token targets y."""
@@ -141,6 +142,15 @@ def load_lm_data(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val")) ->
     """Token arrays of the requested splits of cfg.source, tokenized now or memory-mapped from shards."""
     tokenizer = get_tokenizer(cfg.tokenizer)
     source = Path(cfg.source)
+    if (source / "train" / "info.json").exists():  # `zoo data shards text`: stream train, hold val in memory
+        from .shards import read_token_shards, shard_info
+
+        info, _ = shard_info(source / "train")
+        if info.get("kind") != "text" or info.get("tokenizer") != tokenizer.name:
+            raise DataError(f"{source}/train holds {info.get('kind')} shards tokenized with {info.get('tokenizer')!r}; "
+                            f"the recipe needs text shards tokenized with {tokenizer.name!r}")
+        val = {"val": [read_token_shards(source / "val")]} if "val" in splits else {}
+        return TokenData(tokenizer, val, train_shards=source / "train")
     if cfg.source == "stdlib":
         root, files = stdlib_files()
     elif (source / META).exists():

@@ -141,7 +141,7 @@ class RunLogger:
     """Per-step CSV, TensorBoard scalars and a loss-curve PNG in the run directory."""
 
     FIELDS = ["step", "loss", "lr", "tokens_per_s", "tokens_per_s_per_process", "step_ms", "peak_mem_gb",
-              "val_loss", "val_bpb"]
+              "skipped_samples", "val_loss", "val_bpb"]
 
     def __init__(self, out_dir: Path, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
@@ -283,6 +283,30 @@ def _resume(path: Path, model: nn.Module, optimizer, cfg: TrainConfig) -> int:
     return state["step"]
 
 
+def _train_batches(cfg: TrainConfig, data: TokenData, ranks: Ranks, start_step: int):
+    """This rank's training micro-batches (inputs, targets, samples skipped so far or None) from start_step on:
+    its rows of the seeded global batch of each (step, micro-step), or the next batch of its shard stream.
+    A stream is seeded by (seed, start_step, rank, loader worker): a resumed run draws a fresh, reproducible
+    stream rather than the interrupted one's continuation."""
+    if data.train_shards is not None:
+        from .shards import ShardStream, lm_windows
+
+        stream = ShardStream(data.train_shards, lm_windows(cfg.ctx_len), cfg.batch_size, ranks.rank, ranks.world_size,
+                             cfg.data.workers, seed=cfg.seed * 7919 + start_step, shuffle_buffer=cfg.data.shuffle_buffer)
+        if stream.info["chunk_tokens"] < cfg.ctx_len + 1:
+            raise DataError(f"{data.train_shards} holds chunks of {stream.info['chunk_tokens']} tokens, fewer than "
+                            f"ctx_len + 1 = {cfg.ctx_len + 1}: write shards with a larger --chunk-tokens")
+        for x, y, tail in stream.loader((cfg.max_steps - start_step) * cfg.grad_accum):
+            yield x, y, stream.skipped(tail)
+        return
+    rows = slice(ranks.rank * cfg.batch_size, (ranks.rank + 1) * cfg.batch_size)  # this rank's share of a batch
+    for step in range(start_step, cfg.max_steps):
+        for micro in range(cfg.grad_accum):
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro)
+            x, y = data.sample("train", cfg.batch_size * ranks.world_size, cfg.ctx_len, generator)
+            yield x[rows], y[rows], None
+
+
 def _find_resume(cfg: TrainConfig, out_dir: Path, ranks: Ranks) -> Path | None:
     """Rank 0 picks the checkpoint (verifying its checksums) and tells the others, or all raise its error."""
     found = None
@@ -368,7 +392,8 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
 
     first_val = validate(start_step) if start_step == 0 else None
     val = first_val
-    rows = slice(ranks.rank * cfg.batch_size, (ranks.rank + 1) * cfg.batch_size)  # this rank's share of a batch
+    batches = _train_batches(cfg, data, ranks, start_step)
+    skipped = None
     model.train()
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="train",
                unit="step", mininterval=1, dynamic_ncols=True, disable=not ranks.is_main)
@@ -377,9 +402,8 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
             t0 = time.perf_counter()
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
-                generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro)
-                x, y = data.sample("train", cfg.batch_size * ranks.world_size, cfg.ctx_len, generator)
-                x, y = x[rows].to(device), y[rows].to(device)
+                x, y, skipped = next(batches)
+                x, y = x.to(device), y.to(device)
                 with gradient_sync(model, micro == cfg.grad_accum - 1):
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         logits = model(x)
@@ -406,10 +430,11 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
                 peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
                 logger.log(done, loss=train_loss, lr=lr, tokens_per_s=tokens_per_step / seconds,
                            tokens_per_s_per_process=tokens_per_step / ranks.world_size / seconds,
-                           step_ms=1000 * seconds, peak_mem_gb=peak)
+                           step_ms=1000 * seconds, peak_mem_gb=peak, skipped_samples=skipped)
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_step / seconds:,.0f}",
                                 tok_s_proc=f"{tokens_per_step / ranks.world_size / seconds:,.0f}",
-                                **({"mem_gb": f"{peak:.1f}"} if peak is not None else {}), refresh=False)
+                                **({"mem_gb": f"{peak:.1f}"} if peak is not None else {}),
+                                **({"skipped": skipped} if skipped else {}), refresh=False)
             if done % cfg.eval_every == 0 or done == cfg.max_steps:
                 val = validate(done)
                 if ranks.is_main:

@@ -304,7 +304,7 @@ def test_run_writes_progress_csv_tensorboard_plot_recipe_and_model(tmp_path, tex
     assert "4/4" in capsys.readouterr().err                         # the tqdm bar reached the end
     fields, rows = read_metrics(out)
     assert fields == ["step", "loss", "lr", "tokens_per_s", "tokens_per_s_per_process", "step_ms", "peak_mem_gb",
-                      "val_loss", "val_bpb"]
+                      "skipped_samples", "val_loss", "val_bpb"]
     train_rows = [r for r in rows if r["loss"]]
     val_rows = [r for r in rows if r["val_loss"]]
     assert [int(r["step"]) for r in train_rows] == [1, 2, 3, 4]
