@@ -41,20 +41,16 @@ class Ranks:
     def grouped(self) -> bool:
         return dist.is_available() and dist.is_initialized()
 
-    def mean(self, values: list[float]) -> list[float]:
-        """Means over ranks of a few floats (one all-reduce)."""
-        if self.world_size == 1:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return (t / self.world_size).tolist()
-
     def sum(self, values: list[float]) -> list[float]:
+        """Sums over ranks of a few floats (one all-reduce)."""
         if self.world_size == 1:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
+
+    def mean(self, values: list[float]) -> list[float]:
+        return [v / self.world_size for v in self.sum(values)]
 
     def broadcast(self, obj):
         """rank 0's `obj` on every rank."""
@@ -65,8 +61,12 @@ class Ranks:
         return box[0]
 
     def barrier(self) -> None:
-        if self.grouped and self.world_size > 1:
-            dist.barrier(device_ids=[self.device.index]) if self.device.type == "cuda" else dist.barrier()
+        if self.world_size == 1:
+            return
+        if self.device.type == "cuda":
+            dist.barrier(device_ids=[self.device.index])
+        else:
+            dist.barrier()
 
     def close(self) -> None:
         if self.owns_group and self.grouped:
