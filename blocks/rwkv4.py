@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from .wkv import EMPTY_PP, wkv4
 
-__all__ = ["token_shift", "RWKV4TimeMix", "RWKV4ChannelMix", "RWKV4Block", "STATE_ROWS"]
+__all__ = ["token_shift", "mix", "time_mix_init", "channel_mix_init", "RWKV4TimeMix", "RWKV4ChannelMix", "RWKV4Block",
+           "STATE_ROWS"]
 
 STATE_ROWS = 5
 """Per-layer RNN state rows, in the `rwkv` package's order: att x_prev, aa, bb, pp, ffn x_prev."""
@@ -49,24 +50,37 @@ def _channel_ramp(n_embd: int) -> Tensor:
     return (torch.arange(n_embd, dtype=torch.float32) / n_embd).view(1, 1, n_embd)
 
 
+def time_mix_init(n_embd: int, layer_id: int, n_layer: int) -> dict[str, Tensor]:
+    """The official v4neo init of a time-mix's per-channel parameters (Vision-RWKV's "fancy" init is the same):
+    decay[c] = -5 + 8 (c/(C-1))^(0.7 + 1.3 l/(L-1)), first[c] = log 0.3 + 0.5 ((c+1) % 3 - 1),
+    mix_k = (c/C)^(1 - l/L), mix_v = mix_k + 0.3 l/(L-1), mix_r = (c/C)^(0.5 (1 - l/L)) (the mixes [1, 1, C])."""
+    depth, shallow = _ratios(layer_id, n_layer)
+    c = torch.arange(n_embd, dtype=torch.float32)
+    ramp = _channel_ramp(n_embd)
+    return {"decay": -5 + 8 * (c / max(n_embd - 1, 1)) ** (0.7 + 1.3 * depth),
+            "first": math.log(0.3) + 0.5 * ((c + 1) % 3 - 1),
+            "mix_k": ramp ** shallow, "mix_v": ramp ** shallow + 0.3 * depth, "mix_r": ramp ** (0.5 * shallow)}
+
+
+def channel_mix_init(n_embd: int, layer_id: int, n_layer: int) -> Tensor:
+    """The official init of a channel-mix's mix_k and mix_r: (c/C)^(1 - l/L), [1, 1, C]."""
+    return _channel_ramp(n_embd) ** _ratios(layer_id, n_layer)[1]
+
+
 class RWKV4TimeMix(nn.Module):
     """k, v, r = W_k mix_k, W_v mix_v, W_r mix_r;  out = W_o(sigmoid(r) * wkv(w, u, k, v)).
 
-    w = -exp(time_decay), u = time_first. Official init: time_decay[c] = -5 + 8 (c/(C-1))^(0.7 + 1.3 l/(L-1)),
-    time_first[c] = log 0.3 + 0.5 ((c+1) % 3 - 1), time_mix_k = (c/C)^(1 - l/L),
-    time_mix_v = time_mix_k + 0.3 l/(L-1), time_mix_r = (c/C)^(0.5 (1 - l/L)).
+    w = -exp(time_decay), u = time_first; official init (`time_mix_init`).
     """
 
     def __init__(self, n_embd: int, layer_id: int, n_layer: int):
         super().__init__()
-        depth, shallow = _ratios(layer_id, n_layer)
-        c = torch.arange(n_embd, dtype=torch.float32)
-        self.time_decay = nn.Parameter(-5 + 8 * (c / max(n_embd - 1, 1)) ** (0.7 + 1.3 * depth))
-        self.time_first = nn.Parameter(math.log(0.3) + 0.5 * ((c + 1) % 3 - 1))
-        ramp = _channel_ramp(n_embd)
-        self.time_mix_k = nn.Parameter(ramp ** shallow)
-        self.time_mix_v = nn.Parameter(ramp ** shallow + 0.3 * depth)
-        self.time_mix_r = nn.Parameter(ramp ** (0.5 * shallow))
+        init = time_mix_init(n_embd, layer_id, n_layer)
+        self.time_decay = nn.Parameter(init["decay"])
+        self.time_first = nn.Parameter(init["first"])
+        self.time_mix_k = nn.Parameter(init["mix_k"])
+        self.time_mix_v = nn.Parameter(init["mix_v"])
+        self.time_mix_r = nn.Parameter(init["mix_r"])
         self.key = nn.Linear(n_embd, n_embd, bias=False)
         self.value = nn.Linear(n_embd, n_embd, bias=False)
         self.receptance = nn.Linear(n_embd, n_embd, bias=False)
@@ -95,10 +109,8 @@ class RWKV4ChannelMix(nn.Module):
 
     def __init__(self, n_embd: int, dim_ffn: int, layer_id: int, n_layer: int):
         super().__init__()
-        _, shallow = _ratios(layer_id, n_layer)
-        ramp = _channel_ramp(n_embd)
-        self.time_mix_k = nn.Parameter(ramp ** shallow)
-        self.time_mix_r = nn.Parameter(ramp ** shallow)
+        self.time_mix_k = nn.Parameter(channel_mix_init(n_embd, layer_id, n_layer))
+        self.time_mix_r = nn.Parameter(channel_mix_init(n_embd, layer_id, n_layer))
         self.key = nn.Linear(n_embd, dim_ffn, bias=False)
         self.receptance = nn.Linear(n_embd, n_embd, bias=False)
         self.value = nn.Linear(dim_ffn, n_embd, bias=False)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_weights, read_state_dict
-from .models import rwkv4
+from .models import rwkv4, vrwkv
 from .registry import get_entry
 
 __all__ = ["create_model", "model_info", "build_config", "count_params"]
@@ -40,8 +40,9 @@ def create_model(name: str, pretrained: str | None = None, device=None, dtype: t
         model = entry.model_class(config)
     if pretrained is not None:
         state_dict, meta = read_state_dict(pretrained)
-        if meta is None and model.arch == "rwkv4":
-            state_dict = rwkv4.checkpoint_filter_fn(state_dict, model)
+        official_filter = {"rwkv4": rwkv4.checkpoint_filter_fn, "vrwkv": vrwkv.checkpoint_filter_fn}.get(model.arch)
+        if meta is None and official_filter is not None:
+            state_dict = official_filter(state_dict, model)
         load_weights(model, state_dict, f"{pretrained} (for {name})")
     if dtype is not None:
         model = model.to(dtype)

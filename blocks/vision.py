@@ -1,0 +1,117 @@
+"""Vision-RWKV layers (arXiv 2403.02308): Q-Shift, the Bi-WKV spatial mix, the channel mix and the block.
+
+Parameter names are those of the official code (`att.spatial_decay`, `att.spatial_mix_k` [1, 1, C],
+`ffn.key.weight`, `gamma1`, ...), so official checkpoints map onto them key for key; the per-channel
+parameters start from the official "fancy" init, which is RWKV-4's (`time_mix_init`).
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import DropPath
+from torch import Tensor, nn
+
+from .biwkv import biwkv
+from .rwkv4 import channel_mix_init, mix, time_mix_init
+
+__all__ = ["q_shift", "VRWKVSpatialMix", "VRWKVChannelMix", "VRWKVBlock"]
+
+
+def q_shift(x: Tensor, resolution: tuple[int, int]) -> Tensor:
+    """Q-Shift: tokens x [B, H*W, C] (row-major grid) take channel quarters from their four neighbours:
+    [0, C/4) from the left pixel, [C/4, C/2) from the right, [C/2, 3C/4) from above, [3C/4, 4*(C//4)) from below,
+    zeros past the border; channels past 4*(C//4) keep their own value."""
+    B, N, C = x.shape
+    H, W = resolution
+    if N != H * W:
+        raise ValueError(f"q_shift: {N} tokens do not fill a {H} x {W} grid")
+    q = C // 4
+    grid = x.view(B, H, W, C)
+    out = torch.zeros_like(grid)
+    out[:, :, 1:, :q] = grid[:, :, :-1, :q]
+    out[:, :, :-1, q:2 * q] = grid[:, :, 1:, q:2 * q]
+    out[:, 1:, :, 2 * q:3 * q] = grid[:, :-1, :, 2 * q:3 * q]
+    out[:, :-1, :, 3 * q:4 * q] = grid[:, 1:, :, 3 * q:4 * q]
+    out[..., 4 * q:] = grid[..., 4 * q:]
+    return out.view(B, N, C)
+
+
+class VRWKVSpatialMix(nn.Module):
+    """x' = Q-Shift(x); k, v, r = W_k mix_k, W_v mix_v, W_r mix_r;
+    out = W_o(sigmoid(r) * key_norm(biwkv(spatial_decay / T, spatial_first / T, k, v))), T tokens, key_norm an
+    optional LayerNorm (Vision-RWKV-L)."""
+
+    def __init__(self, dim: int, layer_id: int, depth: int, key_norm: bool = False):
+        super().__init__()
+        init = time_mix_init(dim, layer_id, depth)
+        self.spatial_decay = nn.Parameter(init["decay"])
+        self.spatial_first = nn.Parameter(init["first"])
+        self.spatial_mix_k = nn.Parameter(init["mix_k"])
+        self.spatial_mix_v = nn.Parameter(init["mix_v"])
+        self.spatial_mix_r = nn.Parameter(init["mix_r"])
+        self.key = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(dim, dim, bias=False)
+        self.receptance = nn.Linear(dim, dim, bias=False)
+        self.key_norm = nn.LayerNorm(dim) if key_norm else nn.Identity()
+        self.output = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: Tensor, resolution: tuple[int, int]) -> Tensor:
+        shifted = q_shift(x, resolution)
+        k = self.key(mix(x, shifted, self.spatial_mix_k))
+        v = self.value(mix(x, shifted, self.spatial_mix_v))
+        r = torch.sigmoid(self.receptance(mix(x, shifted, self.spatial_mix_r)))
+        T = x.shape[1]
+        wkv = biwkv(self.spatial_decay / T, self.spatial_first / T, k, v)
+        return self.output(r * self.key_norm(wkv))
+
+
+class VRWKVChannelMix(nn.Module):
+    """x' = Q-Shift(x); out = sigmoid(W_r mix_r) * W_v(key_norm(relu(W_k mix_k)^2)), hidden mlp_ratio * C."""
+
+    def __init__(self, dim: int, layer_id: int, depth: int, mlp_ratio: float = 4.0, key_norm: bool = False):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.spatial_mix_k = nn.Parameter(channel_mix_init(dim, layer_id, depth))
+        self.spatial_mix_r = nn.Parameter(channel_mix_init(dim, layer_id, depth))
+        self.key = nn.Linear(dim, hidden, bias=False)
+        self.key_norm = nn.LayerNorm(hidden) if key_norm else nn.Identity()
+        self.receptance = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor, resolution: tuple[int, int]) -> Tensor:
+        shifted = q_shift(x, resolution)
+        k = self.key_norm(torch.square(torch.relu(self.key(mix(x, shifted, self.spatial_mix_k)))))
+        return torch.sigmoid(self.receptance(mix(x, shifted, self.spatial_mix_r))) * self.value(k)
+
+
+class VRWKVBlock(nn.Module):
+    """Pre-norm: x = x + drop(gamma * mix(LN(x))); post-norm: x = x + drop(gamma * LN(mix(x))), for the spatial
+    mix (ln1, gamma1) then the channel mix (ln2, gamma2); gamma (layer scale) only when `layer_scale` gives its
+    init. Block 0 first applies ln0 to the patch embeddings."""
+
+    def __init__(self, dim: int, layer_id: int, depth: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+                 layer_scale: float | None = None, post_norm: bool = False, key_norm: bool = False):
+        super().__init__()
+        self.layer_id = layer_id
+        self.post_norm = post_norm
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(dim)
+        self.ln1 = nn.LayerNorm(dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.att = VRWKVSpatialMix(dim, layer_id, depth, key_norm)
+        self.ffn = VRWKVChannelMix(dim, layer_id, depth, mlp_ratio, key_norm)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if layer_scale is not None:
+            self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+            self.gamma2 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+
+    def _residual(self, mixer: nn.Module, norm: nn.Module, gamma: Tensor | None, x: Tensor,
+                  resolution: tuple[int, int]) -> Tensor:
+        y = norm(mixer(x, resolution)) if self.post_norm else mixer(norm(x), resolution)
+        return self.drop_path(y if gamma is None else gamma * y)
+
+    def forward(self, x: Tensor, resolution: tuple[int, int]) -> Tensor:
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        x = x + self._residual(self.att, self.ln1, getattr(self, "gamma1", None), x, resolution)
+        return x + self._residual(self.ffn, self.ln2, getattr(self, "gamma2", None), x, resolution)
