@@ -45,6 +45,15 @@ def _cmd_bench_kernels(args) -> None:
         sys.exit(f"zoo bench kernels: {e}")
 
 
+def _cmd_bench_vision(args) -> None:
+    from .bench_vision import bench_vision
+
+    try:
+        bench_vision(args.json, args.plot)
+    except RuntimeError as e:
+        sys.exit(f"zoo bench vision: {e}")
+
+
 def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
     kinds = p.add_subparsers(dest="bench", required=True, metavar="KIND")
@@ -55,3 +64,10 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--official-sources", default=None,
                    help="folder with wkv_op.cpp, wkv_cuda.cu, wkv_cuda_bf16.cu (default: the installed transformers')")
     k.set_defaults(func=_cmd_bench_kernels)
+    v = kinds.add_parser("vision", help="vrwkv_tiny/small against timm's DeiT, 224 to 2048 px (GPU)",
+                         description="Images/s and peak memory, inference and training step, of vrwkv_tiny and "
+                                     "vrwkv_small against timm's deit_tiny/small_patch16_224 at 224, 512, 1024 and "
+                                     "2048 px, in one process; print a table, write JSON and a PNG plot.")
+    v.add_argument("--json", default="bench_vision.json", help="where to write the rows")
+    v.add_argument("--plot", default="bench_vision.png", help="where to write the plot")
+    v.set_defaults(func=_cmd_bench_vision)
