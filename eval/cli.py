@@ -21,6 +21,19 @@ def _cmd_eval_lm(args) -> None:
           f"loss {m['loss']:.4f} nats/token, {m['bpb']:.4f} bits/byte")
 
 
+def _cmd_eval_classify(args) -> None:
+    from recipes.data import DataError
+    from zoo import CheckpointError, UnknownModelError
+
+    from .classify import evaluate_classification
+
+    try:
+        evaluate_classification(args.model, args.checkpoint, args.data, args.img_size, args.crop_pct, args.batch_size,
+                                args.workers, args.device, args.json)
+    except (DataError, CheckpointError, UnknownModelError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"zoo eval classify: {e}")
+
+
 def add_eval_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="run an evaluation suite", description="Evaluate models.")
     suites = p.add_subparsers(dest="suite", required=True, metavar="SUITE")
@@ -34,6 +47,19 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     lm.add_argument("--ctx-len", type=int, default=256)
     lm.add_argument("--device", default="cpu")
     lm.set_defaults(func=_cmd_eval_lm)
+    c = suites.add_parser("classify", help="top-1 / top-5 of an image classifier (like timm's validate.py)",
+                          description="Top-1 and top-5 accuracy of a classifier on the evaluation split of "
+                                      "fashion-mnist or an image folder (val/); prints and writes JSON.")
+    c.add_argument("--model", default=None, help="a registered vision model (with --checkpoint FILE: official)")
+    c.add_argument("--checkpoint", default=None, help="a native checkpoint directory or an official .pth")
+    c.add_argument("--data", required=True, help="fashion-mnist[:DIR] or a folder with val/ class folders")
+    c.add_argument("--img-size", type=int, default=None, help="default: the model's")
+    c.add_argument("--crop-pct", type=float, default=None, help="centre crop (default: the model's, 0.875)")
+    c.add_argument("--batch-size", type=int, default=128)
+    c.add_argument("--workers", type=int, default=4)
+    c.add_argument("--device", default="auto")
+    c.add_argument("--json", default=None, help="also write the results here")
+    c.set_defaults(func=_cmd_eval_classify)
 
 
 def _cmd_bench_kernels(args) -> None:

@@ -24,9 +24,20 @@ def _cmd_train(args) -> None:
 
         sys.exit(launch_torchrun(args.nproc, ["train", args.recipe, *args.overrides]))
     try:
-        result = train(load_recipe(args.recipe, args.overrides))
-    except (RecipeError, DataError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
+        cfg = load_recipe(args.recipe, args.overrides)
+        if cfg.task == "classify":
+            from .classify import train_classifier
+
+            result = train_classifier(cfg)
+        else:
+            result = train(cfg)
+    except (RecipeError, DataError, CheckpointError, NonFiniteLossError, FileNotFoundError, FloatingPointError) as e:
         sys.exit(f"zoo train: {e}")
+    if cfg.task == "classify":
+        final = result["final"]
+        print(f"evaluation: top-1 {final['top1']:.2f}%, top-5 {final['top5']:.2f}% on {final['samples']:.0f} images")
+        print(f"model saved to {result['model_dir']}")
+        return
     first, final = result["first_val"], result["final_val"]
     if first and final:
         print(f"validation bits/byte: {first['bpb']:.4f} before training, {final['bpb']:.4f} after")

@@ -51,6 +51,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    task: str = "lm"                # lm (this schema) or classify (recipes.classify.ClassifyConfig)
     model: str = "rwkv4-tiny"
     model_args: dict[str, Any] = field(default_factory=dict)   # config overrides, e.g. {n_layer: 6}
     init_from: Optional[str] = None  # checkpoint (native or official .pth) to start from
@@ -75,13 +76,18 @@ class TrainConfig:
     resume: Optional[str] = None    # a step checkpoint, a run directory (its latest checkpoint) or "auto"
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise RecipeError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        if self.precision not in PRECISIONS:
-            raise RecipeError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        for name in ("ctx_len", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every"):
-            if getattr(self, name) < 1:
-                raise RecipeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_common(self, ("ctx_len", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every"))
+
+
+def check_common(cfg, positive: tuple[str, ...]) -> None:
+    """The checks every recipe schema shares: strategy, precision, and fields that must be >= 1."""
+    if cfg.strategy not in STRATEGIES:
+        raise RecipeError(f"strategy must be one of {', '.join(STRATEGIES)}, got {cfg.strategy!r}")
+    if cfg.precision not in PRECISIONS:
+        raise RecipeError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise RecipeError(f"{name} must be >= 1, got {getattr(cfg, name)}")
 
 
 def recipe_path(recipe: str) -> Path:
@@ -97,21 +103,31 @@ def recipe_path(recipe: str) -> Path:
     raise FileNotFoundError(f"no recipe {recipe!r}: not a file, and not one of the packaged recipes {known}")
 
 
-def load_recipe(recipe: str | None, overrides: list[str] = ()) -> TrainConfig:
+def load_recipe(recipe: str | None, overrides: list[str] = ()):
     """Schema defaults <- recipe YAML <- `key=value` overrides (dotted keys: optim.lr=1e-3).
 
-    The model name and model_args are checked against the registry here, before any work starts.
+    The recipe's `task` picks the schema (lm: TrainConfig; classify: recipes.classify.ClassifyConfig). The model
+    name and model_args are checked against the registry here, before any work starts.
     """
     try:
-        cfg = OmegaConf.structured(TrainConfig)
-        if recipe is not None:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(recipe_path(recipe)))
-        cfg = OmegaConf.to_object(OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides))))
+        given = OmegaConf.merge(OmegaConf.load(recipe_path(recipe)) if recipe is not None else OmegaConf.create(),
+                                OmegaConf.from_dotlist(list(overrides)))
+        schemas = {"lm": TrainConfig, "classify": _classify_schema()}
+        task = given.get("task", "lm")
+        if task not in schemas:
+            raise RecipeError(f"task must be one of {', '.join(schemas)}, got {task!r}")
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schemas[task]), given))
         build_config(cfg.model, **cfg.model_args)
         return cfg
     except (OmegaConfBaseException, yaml.YAMLError, FileNotFoundError, UnknownModelError, TypeError) as e:
         raise RecipeError(f"invalid recipe {recipe or '(defaults)'}: {e}") from None
 
 
-def to_yaml(cfg: TrainConfig) -> str:
+def _classify_schema() -> type:
+    from .classify import ClassifyConfig
+
+    return ClassifyConfig
+
+
+def to_yaml(cfg) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

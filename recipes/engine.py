@@ -138,14 +138,17 @@ def _resolve_resume(resume: str, out_dir: Path) -> Path | None:
 
 
 class RunLogger:
-    """Per-step CSV, TensorBoard scalars and a loss-curve PNG in the run directory."""
+    """Per-step CSV, TensorBoard scalars and a loss-curve PNG in the run directory; `unit` names the loss's unit
+    in the plot, `fields` the CSV columns (the language-model engine's by default)."""
 
     FIELDS = ["step", "loss", "lr", "tokens_per_s", "tokens_per_s_per_process", "step_ms", "peak_mem_gb",
               "skipped_samples", "val_loss", "val_bpb"]
 
-    def __init__(self, out_dir: Path, start_step: int):
+    def __init__(self, out_dir: Path, start_step: int, fields: list[str] | None = None, unit: str = "nats/token"):
         from torch.utils.tensorboard import SummaryWriter
 
+        self.FIELDS = fields or self.FIELDS
+        self.unit = unit
         self.out_dir = out_dir
         self.csv_path = out_dir / "metrics.csv"
         rows = []
@@ -179,8 +182,8 @@ class RunLogger:
             return zip(*pts) if pts else ((), ())
 
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(*series("loss"), label="train loss (nats/token)", lw=0.8)
-        ax.plot(*series("val_loss"), "o-", label="val loss (nats/token)")
+        ax.plot(*series("loss"), label=f"train loss ({self.unit})", lw=0.8)
+        ax.plot(*series("val_loss"), "o-", label=f"val loss ({self.unit})")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
@@ -264,8 +267,9 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def _resume(path: Path, model: nn.Module, optimizer, cfg: TrainConfig) -> int:
-    """Optimizer state and RNG from a step checkpoint into a wrapped model's optimizer; returns the step."""
+def _resume(path: Path, model: nn.Module, optimizer, fresh_groups: list[dict] | None = None) -> int:
+    """Optimizer state and RNG from a step checkpoint into a wrapped model's optimizer; returns the step.
+    `fresh_groups` (the recipe's parameter groups) override the saved lr, decay, betas and eps."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
@@ -274,11 +278,8 @@ def _resume(path: Path, model: nn.Module, optimizer, cfg: TrainConfig) -> int:
     with _one_process_is_intended():
         dcp.load(optim_state, checkpoint_id=path / OPTIMIZER_DIR)
     set_optimizer_state_dict(model, optimizer, optim_state["optimizer"])
-    # the recipe governs lr, schedule and decay, so overrides given with resume= take effect;
-    # with an unchanged recipe this reproduces the saved scheduler state exactly
-    for group, fresh in zip(optimizer.param_groups, param_groups(_unwrapped(model), cfg.optim)):
-        group.update(initial_lr=fresh["lr"], weight_decay=fresh["weight_decay"], betas=tuple(cfg.optim.betas),
-                     eps=cfg.optim.eps)
+    for group, fresh in zip(optimizer.param_groups, fresh_groups or ()):
+        group.update({key: value for key, value in fresh.items() if key != "params"})
     torch.set_rng_state(state["rng"])
     return state["step"]
 
@@ -365,7 +366,11 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
                                   eps=cfg.optim.eps)
     start_step, last_good = 0, None
     if resume_from is not None:
-        start_step, last_good = _resume(resume_from, model, optimizer, cfg), resume_from
+        # the recipe governs lr, schedule and decay, so overrides given with resume= take effect;
+        # with an unchanged recipe this reproduces the saved scheduler state exactly
+        fresh = [{**group, "initial_lr": group["lr"], "betas": tuple(cfg.optim.betas), "eps": cfg.optim.eps}
+                 for group in param_groups(_unwrapped(model), cfg.optim)]
+        start_step, last_good = _resume(resume_from, model, optimizer, fresh), resume_from
         if ranks.is_main:
             tqdm.write(f"resumed from {resume_from} at step {start_step}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.max_steps),

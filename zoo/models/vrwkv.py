@@ -76,6 +76,7 @@ class VisionRWKV(nn.Module):
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=config.embed_dim, reduction=config.patch_size)
                              for i in range(config.depth)]
         self.grad_checkpointing = False
+        self.pretrained_cfg = _cfg()  # timm's builder replaces it with the variant's; models built here keep it
         self.apply(self._init_weights)
 
     @staticmethod
@@ -100,10 +101,13 @@ class VisionRWKV(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh head for num_classes (0: none); the config follows, so checkpoints rebuild this model."""
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
+        self.config = replace(self.config, num_classes=num_classes, global_pool=self.global_pool)
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights(self.head)
 
     def _check_input(self, x: Tensor) -> None:
         p, c = self.config.patch_size, self.config.in_chans
