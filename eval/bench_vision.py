@@ -51,8 +51,6 @@ def _measure(name: str, resolution: int, batch: int, train: bool) -> dict:
         ms = time_ms(step, warmup=3, reps=5, calls=3)
     except torch.cuda.OutOfMemoryError:
         return {"images_per_s": None, "peak_gb": None, "note": "out of memory"}
-    finally:
-        del model, x
     return {"images_per_s": batch / (ms / 1e3), "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
 
 

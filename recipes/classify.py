@@ -200,30 +200,18 @@ def _train(cfg: ClassifyConfig, ranks) -> dict:
     from timm.scheduler import create_scheduler_v2
 
     import zoo  # noqa: F401  (registers the vrwkv models in timm)
-    from zoo.checkpoint import atomic_dir, load_weights, read_state_dict, write_model_files
-
-    from .config import to_yaml
-    from .distributed import wrap_model
-    from .engine import RunLogger, _amp_dtype, _find_resume, _full_weights, _resume, _save, _unwrapped
+    from .engine import (RunLogger, _amp_dtype, _resume, _save, _unwrapped, announce, prepare_model, prepare_out_dir,
+                         save_final_model)
 
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device, amp_dtype = ranks.device, _amp_dtype(cfg, ranks.device)
-    out_dir = Path(cfg.out_dir)
-    if ranks.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-
+    out_dir = prepare_out_dir(cfg, ranks)
     model = timm.create_model(cfg.model, **{**cfg.model_args, "img_size": cfg.img_size})
     train_set, eval_set = image_datasets(cfg.data.source, *_transforms(cfg, model))
     model.reset_classifier(len(train_set.classes))
-    model = model.to(device)
-    resume_from = _find_resume(cfg, out_dir, ranks)
-    if resume_from is not None:
-        load_weights(model, {k: v.to(device) for k, v in read_state_dict(resume_from)[0].items()}, str(resume_from))
-    if cfg.grad_checkpointing:
-        model.set_grad_checkpointing()
-    model = wrap_model(model, cfg.strategy, ranks)
+    model, resume_from = prepare_model(model, cfg, out_dir, ranks)
 
     train_loader = _loader(train_set, cfg.batch_size, ranks, cfg.data.workers, train=True, seed=cfg.seed)
     eval_loader = _loader(eval_set, cfg.batch_size, ranks, cfg.data.workers, train=False)
@@ -242,11 +230,10 @@ def _train(cfg: ClassifyConfig, ranks) -> dict:
 
     logger = None
     if ranks.is_main:
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
-        tqdm.write(f"config:\n{to_yaml(cfg)}")
-        tqdm.write(f"global batch: {cfg.batch_size} images x {ranks.world_size} processes ({cfg.strategy}, "
-                   f"{device.type}) = {global_batch}; lr {lr:.3g} ({cfg.optim.lr:g} at {cfg.optim.lr_base_size}); "
-                   f"{len(train_set)} training, {len(eval_set)} evaluation images, {len(train_set.classes)} classes")
+        announce(cfg, out_dir, f"global batch: {cfg.batch_size} images x {ranks.world_size} processes "
+                               f"({cfg.strategy}, {device.type}) = {global_batch}; lr {lr:.3g} ({cfg.optim.lr:g} at "
+                               f"{cfg.optim.lr_base_size}); {len(train_set)} training, {len(eval_set)} evaluation "
+                               f"images, {len(train_set.classes)} classes")
         logger = RunLogger(out_dir, start_epoch * updates_per_epoch, FIELDS, unit="cross-entropy")
     metrics = None
     for epoch in range(start_epoch, cfg.epochs):
@@ -291,9 +278,5 @@ def _train(cfg: ClassifyConfig, ranks) -> dict:
             _save(out_dir / "checkpoints" / f"step_{done:07d}", model, optimizer, scheduler, done, cfg, ranks)
     if logger is not None:
         logger.close()
-    weights = _full_weights(model)
-    if ranks.is_main:
-        with atomic_dir(out_dir / "model") as tmp:
-            write_model_files(_unwrapped(model), tmp, cfg.model, state_dict=weights)
-    ranks.barrier()
+    save_final_model(model, out_dir / "model", cfg.model, ranks)
     return {"final": metrics, "model_dir": str(out_dir / "model")}

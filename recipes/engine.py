@@ -256,6 +256,45 @@ def _save(path: Path, model: nn.Module, optimizer, scheduler, step: int, cfg: Tr
             shutil.rmtree(old)
 
 
+def prepare_out_dir(cfg, ranks: Ranks) -> Path:
+    """The run directory (rank 0 creates it and removes the temporaries of interrupted checkpoint writes)."""
+    out_dir = Path(cfg.out_dir)
+    if ranks.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (out_dir / "checkpoints").glob(".step_*.tmp-*"):
+            shutil.rmtree(stale)
+    return out_dir
+
+
+def prepare_model(model: nn.Module, cfg, out_dir: Path, ranks: Ranks) -> tuple[nn.Module, Path | None]:
+    """The model on this rank's device with the weights of the checkpoint to resume from (if any), gradient
+    checkpointing as the recipe says, wrapped for its strategy; and that checkpoint."""
+    model = model.to(ranks.device)
+    resume_from = _find_resume(cfg, out_dir, ranks)
+    if resume_from is not None:
+        weights = read_state_dict(resume_from)[0]
+        load_weights(model, {k: v.to(ranks.device) for k, v in weights.items()}, str(resume_from))
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing()
+    return wrap_model(model, cfg.strategy, ranks), resume_from
+
+
+def announce(cfg, out_dir: Path, summary: str) -> None:
+    """Rank 0 at the start of a run: the resolved config printed and saved as config.yaml, then `summary`."""
+    (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    tqdm.write(f"config:\n{to_yaml(cfg)}")
+    tqdm.write(summary)
+
+
+def save_final_model(model: nn.Module, path: Path, name: str, ranks: Ranks) -> None:
+    """The trained model's full weights (gathered from every rank) as a native checkpoint, written by rank 0."""
+    weights = _full_weights(model)
+    if ranks.is_main:
+        with atomic_dir(path) as tmp:
+            write_model_files(_unwrapped(model), tmp, name, state_dict=weights)
+    ranks.barrier()
+
+
 def _inject_fault(event: str, step: int) -> None:
     """Fault injection for tests: with ZOO_FAULT_INJECT=<event>:<step>, rank 0 dies of SIGKILL at that point
     (under torchrun the launcher then stops the other workers and the job fails)."""
@@ -347,21 +386,10 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
         torch.set_num_threads(cfg.threads)
     device = ranks.device
     amp_dtype = _amp_dtype(cfg, device)
-    out_dir = Path(cfg.out_dir)
+    out_dir = prepare_out_dir(cfg, ranks)
     ckpt_dir = out_dir / "checkpoints"
-    if ranks.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt_dir.glob(".step_*.tmp-*"):  # an interrupted checkpoint write
-            shutil.rmtree(stale)
-
     data = load_lm_data(cfg.data)
-    model = _build_model(cfg, data).to(device)
-    resume_from = _find_resume(cfg, out_dir, ranks)
-    if resume_from is not None:
-        load_weights(model, {k: v.to(device) for k, v in read_state_dict(resume_from)[0].items()}, str(resume_from))
-    if cfg.grad_checkpointing:
-        model.set_grad_checkpointing()
-    model = wrap_model(model, cfg.strategy, ranks)
+    model, resume_from = prepare_model(_build_model(cfg, data), cfg, out_dir, ranks)
     optimizer = torch.optim.AdamW(param_groups(_unwrapped(model), cfg.optim), betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps)
     start_step, last_good = 0, None
@@ -380,11 +408,9 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
     tokens_per_step = global_batch * cfg.ctx_len
     logger = None
     if ranks.is_main:
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
-        tqdm.write(f"config:\n{to_yaml(cfg)}")
-        tqdm.write(f"global batch: {cfg.batch_size} sequences x {cfg.grad_accum} accumulation steps x "
-                   f"{ranks.world_size} processes ({cfg.strategy}, {device.type}) = {global_batch} sequences, "
-                   f"{tokens_per_step:,} tokens per step")
+        announce(cfg, out_dir, f"global batch: {cfg.batch_size} sequences x {cfg.grad_accum} accumulation steps x "
+                               f"{ranks.world_size} processes ({cfg.strategy}, {device.type}) = {global_batch} "
+                               f"sequences, {tokens_per_step:,} tokens per step")
         logger = RunLogger(out_dir, start_step)
 
     def validate(step: int) -> dict:
@@ -453,10 +479,6 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
         bar.close()
         if logger is not None:
             logger.close()
-    weights = _full_weights(model)
-    if ranks.is_main:
-        with atomic_dir(out_dir / "model") as tmp:
-            write_model_files(_unwrapped(model), tmp, cfg.model, state_dict=weights)
-    ranks.barrier()
+    save_final_model(model, out_dir / "model", cfg.model, ranks)
     return {"first_val": first_val, "final_val": val, "model_dir": str(out_dir / "model"),
             "checkpoint": str(last_good) if last_good else None}

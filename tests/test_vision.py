@@ -10,7 +10,6 @@ from timm.layers import resample_abs_pos_embed
 
 import zoo
 from blocks import VRWKVBlock, biwkv, q_shift
-from zoo.models.vrwkv import checkpoint_filter_fn
 
 
 def q_shift_loop(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
