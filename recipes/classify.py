@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ["ImageDataConfig", "AugmentConfig", "ClassifyOptim", "ClassifyConfig", "image_datasets",
+__all__ = ["ImageDataConfig", "AugmentConfig", "ClassifyOptim", "ClassifyConfig", "ImageData", "image_data", "image_datasets",
            "evaluate_classifier", "train_classifier"]
 
 FASHION_MNIST = "fashion-mnist"
@@ -31,7 +31,8 @@ FASHION_MNIST = "fashion-mnist"
 @dataclass
 class ImageDataConfig:
     source: str = FASHION_MNIST     # "fashion-mnist" (Debian's IDX files; "fashion-mnist:DIR" for another folder),
-                                    # or a folder with train/ and val/ image folders (one sub-folder per class)
+                                    # a folder with train/ and val/ image folders (one sub-folder per class), or
+                                    # `zoo data shards images|fashion-mnist` shards (train/ and val/ or test/)
     workers: int = 4                # loader processes per training process
 
 
@@ -124,8 +125,8 @@ def image_datasets(source: str, train_transform, eval_transform):
         return split("train", train_transform), split("t10k", eval_transform)
     root = Path(source)
     if not (root / "train").is_dir() or not (root / "val").is_dir():
-        raise DataError(f"data.source={source!r}: expected 'fashion-mnist' or a folder with train/ and val/ "
-                        "image folders (one sub-folder per class)")
+        raise DataError(f"data.source={source!r}: expected 'fashion-mnist', a folder with train/ and val/ "
+                        "image folders (one sub-folder per class), or image shards (zoo data shards)")
     from torchvision.datasets import ImageFolder
 
     return ImageFolder(str(root / "train"), train_transform), ImageFolder(str(root / "val"), eval_transform)
@@ -141,6 +142,67 @@ def _transforms(cfg: ClassifyConfig, model: nn.Module):
                              hflip=cfg.aug.hflip, color_jitter=cfg.aug.color_jitter, scale=tuple(cfg.aug.scale),
                              **common)
     return train, create_transform(is_training=False, crop_pct=cfg.crop_pct or data_cfg["crop_pct"], **common)
+
+
+@dataclass
+class ImageData:
+    """One rank's view of a source: `train_batches(epoch)` and `eval_batches()` yield (images, labels, ...);
+    `skipped(rest)` reads how many corrupt samples a shard stream has skipped from a batch's extra element."""
+
+    classes: list[str]
+    train_size: int
+    eval_size: int
+    updates_per_epoch: int
+    train_batches: Callable[[int], Iterable]
+    eval_batches: Callable[[], Iterable]
+    skipped: Callable[[tuple], Optional[int]] = lambda rest: None
+
+
+def image_data(cfg: ClassifyConfig, train_transform, eval_transform, ranks) -> ImageData:
+    """Map-style datasets (Fashion-MNIST, image folders) through DistributedSampler, or `zoo data shards` image
+    shards (train/ plus val/ or test/) through ShardStream: resampled per rank and worker for training (an
+    epoch is the training split's size in global batches), one split pass over the evaluation shards."""
+    root = Path(cfg.data.source)
+    if (root / "train" / "info.json").exists():
+        return _shard_data(cfg, root, train_transform, eval_transform, ranks)
+    train_set, eval_set = image_datasets(cfg.data.source, train_transform, eval_transform)
+    train_loader = _loader(train_set, cfg.batch_size, ranks, cfg.data.workers, train=True, seed=cfg.seed)
+    eval_loader = _loader(eval_set, cfg.batch_size, ranks, cfg.data.workers, train=False)
+
+    def train_batches(epoch: int):
+        train_loader.sampler.set_epoch(epoch)
+        return train_loader
+
+    return ImageData(list(train_set.classes), len(train_set), len(eval_set), len(train_loader), train_batches,
+                     lambda: eval_loader)
+
+
+def _shard_data(cfg: ClassifyConfig, root: Path, train_transform, eval_transform, ranks) -> ImageData:
+    from dataclasses import replace
+
+    from .data import DataError
+    from .shards import IMAGE_FIELDS, ShardStream, shard_info
+
+    eval_dir = next((root / name for name in ("val", "test") if (root / name / "info.json").exists()), None)
+    if eval_dir is None:
+        raise DataError(f"{root} has train/ shards but no val/ or test/ shards to evaluate on")
+
+    def labelled(transform):
+        def sample(fields: dict, rng) -> tuple:
+            image = next(fields[k] for k in IMAGE_FIELDS if k in fields)
+            return transform(image.convert("RGB")), torch.tensor(int(fields["cls"]))
+        return sample
+
+    train = ShardStream(root / "train", labelled(train_transform), cfg.batch_size, ranks.rank, ranks.world_size,
+                        cfg.data.workers, seed=cfg.seed)
+    eval_shards = len(shard_info(eval_dir)[1])
+    evaluation = ShardStream(eval_dir, labelled(eval_transform), cfg.batch_size, ranks.rank, ranks.world_size,
+                             min(cfg.data.workers, eval_shards // ranks.world_size), resampled=False,
+                             shuffle_buffer=1, partial=True)
+    updates = max(1, train.info["samples"] // (cfg.batch_size * ranks.world_size))
+    return ImageData(train.info["classes"], train.info["samples"], evaluation.info["samples"], updates,
+                     lambda epoch: replace(train, seed=cfg.seed * 1009 + epoch).loader(updates),
+                     evaluation.loader, lambda rest: train.skipped(rest[0]) if rest else None)
 
 
 def _loader(dataset, batch_size: int, ranks, workers: int, train: bool, seed: int = 0):
@@ -161,7 +223,7 @@ def evaluate_classifier(model: nn.Module, loader, ranks, amp_dtype: torch.dtype 
     model.eval()
     device = ranks.device
     loss = correct1 = correct5 = count = 0.0
-    for x, y in loader:
+    for x, y, *_ in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x).float()
@@ -178,7 +240,7 @@ def evaluate_classifier(model: nn.Module, loader, ranks, amp_dtype: torch.dtype 
 # --- training -------------------------------------------------------------------------------------------------
 
 FIELDS = ["step", "epoch", "loss", "lr", "images_per_s", "images_per_s_per_process", "step_ms", "peak_mem_gb",
-          "val_loss", "val_top1", "val_top5"]
+          "skipped_samples", "val_loss", "val_top1", "val_top5"]
 
 
 def train_classifier(cfg: ClassifyConfig) -> dict:
@@ -209,39 +271,35 @@ def _train(cfg: ClassifyConfig, ranks) -> dict:
     device, amp_dtype = ranks.device, _amp_dtype(cfg, ranks.device)
     out_dir = prepare_out_dir(cfg, ranks)
     model = timm.create_model(cfg.model, **{**cfg.model_args, "img_size": cfg.img_size})
-    train_set, eval_set = image_datasets(cfg.data.source, *_transforms(cfg, model))
-    model.reset_classifier(len(train_set.classes))
+    data = image_data(cfg, *_transforms(cfg, model), ranks)
+    model.reset_classifier(len(data.classes))
     model, resume_from = prepare_model(model, cfg, out_dir, ranks)
-
-    train_loader = _loader(train_set, cfg.batch_size, ranks, cfg.data.workers, train=True, seed=cfg.seed)
-    eval_loader = _loader(eval_set, cfg.batch_size, ranks, cfg.data.workers, train=False)
     global_batch = cfg.batch_size * ranks.world_size
     lr = cfg.optim.lr * global_batch / cfg.optim.lr_base_size
     optimizer = create_optimizer_v2(_unwrapped(model), cfg.optim.opt, lr=lr, weight_decay=cfg.optim.weight_decay)
-    updates_per_epoch = len(train_loader)
+    updates_per_epoch = data.updates_per_epoch
     scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.optim.warmup_epochs,
                                        warmup_lr=cfg.optim.warmup_lr, min_lr=cfg.optim.min_lr, step_on_epochs=False,
                                        updates_per_epoch=updates_per_epoch)
     start_epoch = _resume(resume_from, model, optimizer) if resume_from is not None else 0
     mixing = cfg.aug.mixup > 0 or cfg.aug.cutmix > 0
     mixup = Mixup(mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, label_smoothing=cfg.aug.smoothing,
-                  num_classes=len(train_set.classes)) if mixing else None
+                  num_classes=len(data.classes)) if mixing else None
     criterion = SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(cfg.aug.smoothing)
 
     logger = None
     if ranks.is_main:
         announce(cfg, out_dir, f"global batch: {cfg.batch_size} images x {ranks.world_size} processes "
                                f"({cfg.strategy}, {device.type}) = {global_batch}; lr {lr:.3g} ({cfg.optim.lr:g} at "
-                               f"{cfg.optim.lr_base_size}); {len(train_set)} training, {len(eval_set)} evaluation "
-                               f"images, {len(train_set.classes)} classes")
+                               f"{cfg.optim.lr_base_size}); {data.train_size} training, {data.eval_size} evaluation "
+                               f"images, {len(data.classes)} classes")
         logger = RunLogger(out_dir, start_epoch * updates_per_epoch, FIELDS, unit="cross-entropy")
     metrics = None
     for epoch in range(start_epoch, cfg.epochs):
-        train_loader.sampler.set_epoch(epoch)
         model.train()
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", mininterval=1,
-                   dynamic_ncols=True, disable=not ranks.is_main)
-        for i, (x, y) in enumerate(bar):
+        bar = tqdm(data.train_batches(epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", mininterval=1,
+                   total=updates_per_epoch, dynamic_ncols=True, disable=not ranks.is_main)
+        for i, (x, y, *rest) in enumerate(bar):
             t0 = time.perf_counter()
             step = epoch * updates_per_epoch + i
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -263,10 +321,10 @@ def _train(cfg: ClassifyConfig, ranks) -> dict:
                 peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
                 logger.log(step + 1, epoch=epoch + 1, loss=mean_loss, lr=optimizer.param_groups[0]["lr"],
                            images_per_s=global_batch / seconds, images_per_s_per_process=cfg.batch_size / seconds,
-                           step_ms=1000 * seconds, peak_mem_gb=peak)
+                           step_ms=1000 * seconds, peak_mem_gb=peak, skipped_samples=data.skipped(rest))
                 bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{global_batch / seconds:,.0f}", refresh=False)
         bar.close()
-        metrics = evaluate_classifier(model, eval_loader, ranks, amp_dtype)
+        metrics = evaluate_classifier(model, data.eval_batches(), ranks, amp_dtype)
         done = epoch + 1
         if logger is not None:
             logger.log(done * updates_per_epoch, epoch=done, val_loss=metrics["loss"], val_top1=metrics["top1"],

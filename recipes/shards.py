@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 SIZES, INFO = "sizes.json", "info.json"
 PATTERN = "shard-%06d.tar"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+IMAGE_FIELDS = ("png", "jpg", "webp", "bmp", "gif")  # the sample fields images are written under
 
 
 # --- writing --------------------------------------------------------------------------------------------------
@@ -217,6 +218,7 @@ class ShardStream:
     resampled: bool = True
     shuffle_buffer: int = 1000
     image_decoder: str = "pil"      # webdataset's name for how images decode: pil, rgb8, torchrgb, ...
+    partial: bool = False           # keep each worker's last, short batch (evaluation)
 
     def __post_init__(self):
         self.info, self.urls = shard_info(self.folder)
@@ -261,7 +263,7 @@ class ShardStream:
             stages = [wds.SimpleShardList(self.urls), self._split_by_rank, wds.split_by_worker]
         pipeline = wds.DataPipeline(*stages, wds.tarfile_to_samples(handler=counter), shuffled,
                                     wds.decode(self.image_decoder, handler=counter), as_tuples,
-                                    wds.batched(self.batch_size, partial=False), wds.map(with_skip_count))
+                                    wds.batched(self.batch_size, partial=self.partial), wds.map(with_skip_count))
         loader = wds.WebLoader(pipeline, batch_size=None, num_workers=self.workers)
         return loader.with_epoch(batches) if batches is not None else loader
 

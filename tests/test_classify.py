@@ -95,9 +95,26 @@ def test_training_on_an_image_folder(tmp_path):
     assert result["final"]["top1"] == 100.0 and result["final"]["samples"] == 16
 
 
+def test_training_streams_image_shards_and_counts_skipped_samples(tmp_path, fmnist_dir):
+    from recipes.shards import FASHION_MNIST_CLASSES, fashion_mnist_samples, write_shards
+    from test_shards import rewrite_member
+
+    shards = tmp_path / "shards"
+    for split, idx_split in (("train", "train"), ("test", "t10k")):
+        write_shards(fashion_mnist_samples(fmnist_dir, idx_split), shards / split,
+                     {"kind": "images", "classes": FASHION_MNIST_CLASSES}, maxcount=40)
+    for k, tar in enumerate(sorted((shards / "train").glob("*.tar"))):           # every training shard's first image
+        rewrite_member(tar, f"{40 * k:09d}.png", b"not a png")
+    result = run(tmp_path / "run", str(shards), "epochs=4", "data.workers=2")
+    assert result["final"]["samples"] == 80 and result["final"]["top1"] > 30  # every test image once; chance 10%
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        skipped = [int(r["skipped_samples"]) for r in csv.DictReader(f) if r["skipped_samples"]]
+    assert len(skipped) == 4 * (320 // 16) and skipped[-1] >= 1
+
+
 def test_bad_sources_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         run(tmp_path / "a", f"fashion-mnist:{tmp_path}", "epochs=1")
     with pytest.raises(SystemExit) as exit_info:
         zoo_main(["train", "vision/vrwkv_tiny_fmnist", f"out_dir={tmp_path / 'b'}", f"data.source={tmp_path}", *TINY])
-    assert "expected 'fashion-mnist' or a folder with train/ and val/" in str(exit_info.value.code)
+    assert "expected 'fashion-mnist', a folder with train/ and val/" in str(exit_info.value.code)
