@@ -37,7 +37,7 @@ def evaluate_classification(model: str | None, checkpoint: str | None, data: str
                             device: str = "auto", out_json: str | None = None) -> dict:
     from timm.data import create_transform, resolve_data_config
 
-    from recipes.classify import _loader, evaluate_classifier, image_datasets
+    from recipes.classify import ClassifyConfig, ImageDataConfig, evaluate_classifier, image_data
     from recipes.distributed import init_ranks
 
     ranks = init_ranks(device, "ddp")
@@ -48,11 +48,12 @@ def evaluate_classification(model: str | None, checkpoint: str | None, data: str
     cfg["crop_pct"] = crop_pct or cfg["crop_pct"]
     transform = create_transform(size, crop_pct=cfg["crop_pct"], interpolation=cfg["interpolation"],
                                  mean=cfg["mean"], std=cfg["std"])
-    _, eval_set = image_datasets(data, None, transform)
-    if len(eval_set.classes) != net.num_classes:
-        raise ValueError(f"the model has {net.num_classes} classes, {data} has {len(eval_set.classes)}")
+    source = image_data(ClassifyConfig(data=ImageDataConfig(source=data, workers=workers), batch_size=batch_size),
+                        transform, transform, ranks)
+    if len(source.classes) != net.num_classes:
+        raise ValueError(f"the model has {net.num_classes} classes, {data} has {len(source.classes)}")
     amp = torch.bfloat16 if ranks.device.type == "cuda" else None
-    metrics = evaluate_classifier(net, _loader(eval_set, batch_size, ranks, workers, train=False), ranks, amp)
+    metrics = evaluate_classifier(net, source.eval_batches(), ranks, amp)
     result = {"model": checkpoint or model, "top1": round(metrics["top1"], 3), "top1_err": round(100 - metrics["top1"], 3),
               "top5": round(metrics["top5"], 3), "top5_err": round(100 - metrics["top5"], 3),
               "loss": round(metrics["loss"], 5), "param_count": round(sum(p.numel() for p in net.parameters()) / 1e6, 2),

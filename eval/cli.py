@@ -49,10 +49,12 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     lm.set_defaults(func=_cmd_eval_lm)
     c = suites.add_parser("classify", help="top-1 / top-5 of an image classifier (like timm's validate.py)",
                           description="Top-1 and top-5 accuracy of a classifier on the evaluation split of "
-                                      "fashion-mnist or an image folder (val/); prints and writes JSON.")
+                                      "fashion-mnist, an image folder (val/) or image shards (val/ or test/); prints "
+                                      "and writes JSON.")
     c.add_argument("--model", default=None, help="a registered vision model (with --checkpoint FILE: official)")
     c.add_argument("--checkpoint", default=None, help="a native checkpoint directory or an official .pth")
-    c.add_argument("--data", required=True, help="fashion-mnist[:DIR] or a folder with val/ class folders")
+    c.add_argument("--data", required=True, help="fashion-mnist[:DIR], a folder with train/ and val/ class folders, "
+                                                 "or image shards (zoo data shards)")
     c.add_argument("--img-size", type=int, default=None, help="default: the model's")
     c.add_argument("--crop-pct", type=float, default=None, help="centre crop (default: the model's, 0.875)")
     c.add_argument("--batch-size", type=int, default=128)

@@ -111,6 +111,12 @@ def test_training_streams_image_shards_and_counts_skipped_samples(tmp_path, fmni
         skipped = [int(r["skipped_samples"]) for r in csv.DictReader(f) if r["skipped_samples"]]
     assert len(skipped) == 4 * (320 // 16) and skipped[-1] >= 1
 
+    out = tmp_path / "eval.json"
+    zoo_main(["eval", "classify", "--checkpoint", str(tmp_path / "run" / "model"), "--data", str(shards),
+              "--crop-pct", "1.0", "--workers", "0", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["samples"] == 80 and report["top1"] == pytest.approx(result["final"]["top1"], abs=1e-3)
+
 
 def test_bad_sources_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
