@@ -91,6 +91,7 @@ def bench_vision(out_json: str | None = "bench_vision.json", out_png: str | None
         raise RuntimeError("needs a CUDA GPU")
     import zoo  # noqa: F401  (registers the vrwkv models in timm)
 
+    _measure(MODELS[0], 224, BATCH[224], train=True)  # warm-up: a process's first measurement runs low
     rows = [{"model": name, "resolution": res, "batch": batch, "mode": mode,
              **_measure(name, res, batch, mode == "training")}
             for res, batch in BATCH.items() for mode in ("inference", "training") for name in MODELS]
