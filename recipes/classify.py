@@ -200,9 +200,17 @@ def _shard_data(cfg: ClassifyConfig, root: Path, train_transform, eval_transform
                              min(cfg.data.workers, eval_shards // ranks.world_size), resampled=False,
                              shuffle_buffer=1, partial=True)
     updates = max(1, train.info["samples"] // (cfg.batch_size * ranks.world_size))
-    return ImageData(train.info["classes"], train.info["samples"], evaluation.info["samples"], updates,
-                     lambda epoch: replace(train, seed=cfg.seed * 1009 + epoch).loader(updates),
-                     evaluation.loader, lambda rest: train.skipped(rest[0]) if rest else None)
+    epochs: list[ShardStream] = []  # one stream per epoch, seeded by it
+
+    def train_batches(epoch: int):
+        epochs.append(replace(train, seed=cfg.seed * 1009 + epoch))
+        return epochs[-1].loader(updates)
+
+    def skipped(rest: tuple) -> Optional[int]:
+        return sum(s.skipped_so_far for s in epochs[:-1]) + epochs[-1].skipped(rest[0]) if rest else None
+
+    return ImageData(train.info["classes"], train.info["samples"], evaluation.info["samples"], updates, train_batches,
+                     evaluation.loader, skipped)
 
 
 def _loader(dataset, batch_size: int, ranks, workers: int, train: bool, seed: int = 0):

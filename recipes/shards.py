@@ -277,6 +277,10 @@ class ShardStream:
         """Samples skipped so far by all workers, given a batch's last element (worker id, its count)."""
         worker, count = batch_tail
         self._skipped[int(worker)] = int(count)
+        return self.skipped_so_far
+
+    @property
+    def skipped_so_far(self) -> int:
         return sum(self._skipped.values())
 
 
