@@ -1,4 +1,5 @@
-"""Vision-RWKV layers (arXiv 2403.02308): Q-Shift, the Bi-WKV spatial mix, the channel mix and the block.
+"""Vision-RWKV layers (arXiv 2403.02308): Q-Shift, the Bi-WKV spatial mix, the channel mix and the block; with the
+bidirectional token shift they also make RWKV-CLIP's text tower (arXiv 2406.06973).
 
 Parameter names are those of the official code (`att.spatial_decay`, `att.spatial_mix_k` [1, 1, C],
 `ffn.key.weight`, `gamma1`, ...), so official checkpoints map onto them key for key; the per-channel
@@ -7,6 +8,8 @@ parameters start from the official "fancy" init, which is RWKV-4's (`time_mix_in
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from timm.layers import DropPath
 from torch import Tensor, nn
@@ -14,7 +17,7 @@ from torch import Tensor, nn
 from .biwkv import biwkv
 from .rwkv4 import channel_mix_init, time_mix_init
 
-__all__ = ["q_shift", "shift_mixes", "VRWKVSpatialMix", "VRWKVChannelMix", "VRWKVBlock"]
+__all__ = ["q_shift", "bi_token_shift", "TOKEN_SHIFTS", "shift_mixes", "VRWKVSpatialMix", "VRWKVChannelMix", "VRWKVBlock"]
 
 
 def q_shift(x: Tensor, resolution: tuple[int, int]) -> Tensor:
@@ -36,6 +39,21 @@ def q_shift(x: Tensor, resolution: tuple[int, int]) -> Tensor:
     return out.view(B, N, C)
 
 
+def bi_token_shift(x: Tensor, resolution: object = None, head_size: int = 64) -> Tensor:
+    """The text towers' bidirectional token shift: in every head of `head_size` channels, the first half of the
+    channels take token t-1 and the second half token t+1 (zeros past either end). x: [B, T, C]."""
+    earlier = torch.zeros_like(x)
+    earlier[:, 1:] = x[:, :-1]
+    later = torch.zeros_like(x)
+    later[:, :-1] = x[:, 1:]
+    first_half = (torch.arange(x.shape[-1], device=x.device) % head_size) < head_size // 2
+    return torch.where(first_half, earlier, later)
+
+
+TOKEN_SHIFTS = {"q": q_shift, "bi": bi_token_shift}
+"""How a block's mixes find the neighbour tokens: Q-Shift on an image grid, or the 1-D bidirectional shift."""
+
+
 def shift_mixes(x: Tensor, shifted: Tensor, *mus: Tensor) -> list[Tensor]:
     """mu * x + (1 - mu) * shifted for each mu, computed as shifted + mu * (x - shifted): one difference and one
     fused multiply-add per mix instead of three passes each (the mixes are most of this model's memory traffic)."""
@@ -48,8 +66,9 @@ class VRWKVSpatialMix(nn.Module):
     out = W_o(sigmoid(r) * key_norm(biwkv(spatial_decay / T, spatial_first / T, k, v))), T tokens, key_norm an
     optional LayerNorm (Vision-RWKV-L)."""
 
-    def __init__(self, dim: int, layer_id: int, depth: int, key_norm: bool = False):
+    def __init__(self, dim: int, layer_id: int, depth: int, key_norm: bool = False, token_shift: str | Callable = "q"):
         super().__init__()
+        self.shift = TOKEN_SHIFTS.get(token_shift, token_shift)
         init = time_mix_init(dim, layer_id, depth)
         self.spatial_decay = nn.Parameter(init["decay"])
         self.spatial_first = nn.Parameter(init["first"])
@@ -63,7 +82,8 @@ class VRWKVSpatialMix(nn.Module):
         self.output = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: Tensor, resolution: tuple[int, int]) -> Tensor:
-        xk, xv, xr = shift_mixes(x, q_shift(x, resolution), self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r)
+        xk, xv, xr = shift_mixes(x, self.shift(x, resolution), self.spatial_mix_k, self.spatial_mix_v,
+                                 self.spatial_mix_r)
         k, v, r = self.key(xk), self.value(xv), torch.sigmoid(self.receptance(xr))
         T = x.shape[1]
         wkv = biwkv(self.spatial_decay / T, self.spatial_first / T, k, v)
@@ -73,8 +93,10 @@ class VRWKVSpatialMix(nn.Module):
 class VRWKVChannelMix(nn.Module):
     """x' = Q-Shift(x); out = sigmoid(W_r mix_r) * W_v(key_norm(relu(W_k mix_k)^2)), hidden mlp_ratio * C."""
 
-    def __init__(self, dim: int, layer_id: int, depth: int, mlp_ratio: float = 4.0, key_norm: bool = False):
+    def __init__(self, dim: int, layer_id: int, depth: int, mlp_ratio: float = 4.0, key_norm: bool = False,
+                 token_shift: str | Callable = "q"):
         super().__init__()
+        self.shift = TOKEN_SHIFTS.get(token_shift, token_shift)
         hidden = int(dim * mlp_ratio)
         self.spatial_mix_k = nn.Parameter(channel_mix_init(dim, layer_id, depth))
         self.spatial_mix_r = nn.Parameter(channel_mix_init(dim, layer_id, depth))
@@ -84,7 +106,7 @@ class VRWKVChannelMix(nn.Module):
         self.value = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor, resolution: tuple[int, int]) -> Tensor:
-        xk, xr = shift_mixes(x, q_shift(x, resolution), self.spatial_mix_k, self.spatial_mix_r)
+        xk, xr = shift_mixes(x, self.shift(x, resolution), self.spatial_mix_k, self.spatial_mix_r)
         k = self.key_norm(torch.square(torch.relu(self.key(xk))))
         return torch.sigmoid(self.receptance(xr)) * self.value(k)
 
@@ -92,10 +114,12 @@ class VRWKVChannelMix(nn.Module):
 class VRWKVBlock(nn.Module):
     """Pre-norm: x = x + drop(gamma * mix(LN(x))); post-norm: x = x + drop(gamma * LN(mix(x))), for the spatial
     mix (ln1, gamma1) then the channel mix (ln2, gamma2); gamma (layer scale) only when `layer_scale` gives its
-    init. Block 0 first applies ln0 to the patch embeddings."""
+    init. Block 0 first applies ln0 to the patch embeddings. `token_shift`: "q" (Q-Shift on the image grid given as
+    `resolution`), "bi" (the text towers' bidirectional shift; `resolution` unused) or a function (x, resolution)."""
 
     def __init__(self, dim: int, layer_id: int, depth: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                 layer_scale: float | None = None, post_norm: bool = False, key_norm: bool = False):
+                 layer_scale: float | None = None, post_norm: bool = False, key_norm: bool = False,
+                 token_shift: str | Callable = "q"):
         super().__init__()
         self.layer_id = layer_id
         self.post_norm = post_norm
@@ -103,8 +127,8 @@ class VRWKVBlock(nn.Module):
             self.ln0 = nn.LayerNorm(dim)
         self.ln1 = nn.LayerNorm(dim)
         self.ln2 = nn.LayerNorm(dim)
-        self.att = VRWKVSpatialMix(dim, layer_id, depth, key_norm)
-        self.ffn = VRWKVChannelMix(dim, layer_id, depth, mlp_ratio, key_norm)
+        self.att = VRWKVSpatialMix(dim, layer_id, depth, key_norm, token_shift)
+        self.ffn = VRWKVChannelMix(dim, layer_id, depth, mlp_ratio, key_norm, token_shift)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if layer_scale is not None:
             self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale)))

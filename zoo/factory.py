@@ -13,7 +13,7 @@ from .checkpoint import load_weights, read_state_dict
 from .models import rwkv4, vrwkv
 from .registry import get_entry
 
-__all__ = ["create_model", "model_info", "build_config", "count_params"]
+__all__ = ["create_model", "create_model_and_transforms", "model_info", "build_config", "count_params"]
 
 
 def build_config(name: str, **overrides) -> Any:
@@ -47,6 +47,21 @@ def create_model(name: str, pretrained: str | None = None, device=None, dtype: t
     if dtype is not None:
         model = model.to(dtype)
     return model
+
+
+def create_model_and_transforms(name: str, pretrained: str | None = None, device=None, **overrides):
+    """open_clip's entry point for the image-text models: (model, preprocess_train, preprocess_val), the
+    transforms open_clip's at the model's image size with OpenAI CLIP's mean and std."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from open_clip.transform import image_transform
+
+    entry = get_entry(name)
+    if entry.family != "clip":
+        raise ValueError(f"{name} is a {entry.family} model, not an image-text one: use zoo.create_model")
+    model = create_model(name, pretrained, device, **overrides)
+    size = model.config.image_size
+    return (model, image_transform(size, True, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD),
+            image_transform(size, False, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
 
 
 def count_params(model: nn.Module) -> int:

@@ -105,12 +105,20 @@ class WorldTokenizer(Tokenizer):
         return self._tok.decodeBytes(list(ids))
 
 
-TOKENIZERS = {"byte": ByteTokenizer, "neox": NeoXTokenizer, "world": WorldTokenizer}
+def clip_tokenizer():
+    """open_clip's CLIP BPE tokenizer (vocab 49408, context 77; longer texts are truncated, ending in end-of-text):
+    called on a string or a list of strings it returns token ids [N, 77]."""
+    import open_clip
+
+    return open_clip.get_tokenizer("ViT-B-32")
+
+
+TOKENIZERS = {"byte": ByteTokenizer, "neox": NeoXTokenizer, "world": WorldTokenizer, "clip": clip_tokenizer}
 
 
 @functools.lru_cache(maxsize=None)
 def get_tokenizer(name: str) -> Tokenizer:
-    """A tokenizer by name ("byte", "neox", "world") or by registered model name (its config's tokenizer).
+    """A tokenizer by name ("byte", "neox", "world", "clip") or by registered model name (its config's tokenizer).
 
     Tokenizers hold no per-call state, so each is built once per process.
     """

@@ -1,0 +1,91 @@
+"""RWKV-CLIP with open_clip's interface: towers, the bidirectional token shift, configs, tokenizer, transforms,
+encode_image / encode_text / logit_scale / forward, and bad input."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import zoo
+from blocks import bi_token_shift
+from zoo.models.clip import RWKVCLIP, RWKVCLIPConfig
+
+
+def test_bi_token_shift_takes_half_of_each_head_from_each_side():
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    out = bi_token_shift(x, head_size=4)
+    for t in range(5):
+        for c in range(8):
+            if c % 4 < 2:
+                expected = x[:, t - 1, c] if t > 0 else torch.zeros(2, dtype=x.dtype)
+            else:
+                expected = x[:, t + 1, c] if t < 4 else torch.zeros(2, dtype=x.dtype)
+            torch.testing.assert_close(out[:, t, c], expected, rtol=0, atol=0)
+
+
+def test_registered_configs_follow_the_paper():
+    assert zoo.list_models("RWKV-CLIP*") == ["RWKV-CLIP-B-16", "RWKV-CLIP-B-32", "RWKV-CLIP-tiny"]
+    info = zoo.model_info("RWKV-CLIP-B-32")
+    assert info["family"] == "clip"
+    cfg = info["config"]
+    assert (cfg["image_width"], cfg["image_layers"], cfg["patch_size"], cfg["text_layers"], cfg["context_length"],
+            cfg["vocab_size"]) == (640, 12, 32, 6, 77, 49408)
+    assert int(cfg["text_width"] * cfg["text_mlp_ratio"]) == 2240 and cfg["image_mlp_ratio"] == 5
+    assert zoo.model_info("RWKV-CLIP-B-16")["config"]["patch_size"] == 16
+    with pytest.raises(ValueError, match="RWKV-6 towers come with issue 9"):
+        RWKVCLIPConfig(block="rwkv6-bi")
+
+
+def test_open_clip_interface_on_the_tiny_model(tmp_path):
+    torch.manual_seed(0)
+    model, preprocess_train, preprocess_val = zoo.create_model_and_transforms("RWKV-CLIP-tiny")
+    tokenizer = zoo.get_tokenizer("RWKV-CLIP-tiny")
+    assert tokenizer.vocab_size == 49408 and tokenizer.context_length == 77
+    images = torch.stack([preprocess_val(Image.new("RGB", (90, 60), "red")),
+                          preprocess_train(Image.new("RGB", (40, 70), "blue"))])
+    assert images.shape == (2, 3, 64, 64)
+    text = tokenizer(["a red square", "a blue rectangle"])
+    model.eval()
+    out = model(images, text)
+    assert set(out) == {"image_features", "text_features", "logit_scale"}
+    assert out["image_features"].shape == out["text_features"].shape == (2, 64)
+    torch.testing.assert_close(out["image_features"].norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(out["image_features"], F.normalize(model.encode_image(images), dim=-1))
+    torch.testing.assert_close(out["text_features"], model.encode_text(text, normalize=True))
+    assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))   # stored as a log
+    assert out["logit_scale"].item() == pytest.approx(1 / 0.07)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert model(images, text)["logit_scale"].item() == 100                # clamped at 100
+    zoo.save_checkpoint(model, tmp_path / "clip", name="RWKV-CLIP-tiny")    # native checkpoints round-trip
+    again = zoo.load_checkpoint(tmp_path / "clip").eval()
+    torch.testing.assert_close(again(images, text)["text_features"], model(images, text)["text_features"])
+
+
+def test_text_features_ignore_padding_and_long_texts_are_truncated():
+    model = zoo.create_model("RWKV-CLIP-tiny").eval()
+    tokenizer = zoo.get_tokenizer("RWKV-CLIP-tiny")
+    long = tokenizer(["word " * 200])
+    assert long.shape == (1, 77) and long[0, -1].item() == tokenizer.eot_token_id   # open_clip's truncation
+    text = tokenizer(["a cat"])
+    length = int((text != 0).sum())
+    pooled = model.text(text)
+    x = model.text.token_embedding(text)
+    for block in model.text.blocks:
+        x = block(x, None)
+    torch.testing.assert_close(pooled, model.text.ln_final(x)[:, :length].mean(1))
+
+
+def test_bad_input_is_named():
+    model = RWKVCLIP(zoo.factory.build_config("RWKV-CLIP-tiny"))
+    images, text = torch.randn(2, 3, 64, 64), torch.ones(3, 77, dtype=torch.long)
+    with pytest.raises(ValueError, match="2 images but 3 texts"):
+        model(images, text)
+    with pytest.raises(ValueError, match="more than the context of 77"):
+        model.encode_text(torch.ones(1, 80, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token ids \[B, context\]"):
+        model.encode_text(torch.randn(1, 77))
+    with pytest.raises(ValueError, match="not an image-text one"):
+        zoo.create_model_and_transforms("vrwkv_tiny")
