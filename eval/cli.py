@@ -34,6 +34,21 @@ def _cmd_eval_classify(args) -> None:
         sys.exit(f"zoo eval classify: {e}")
 
 
+def _cmd_eval_zeroshot(args) -> None:
+    from recipes.data import DataError
+    from zoo import CheckpointError, UnknownModelError
+
+    from .zeroshot import zero_shot_classification
+
+    if not (args.model or args.checkpoint):
+        sys.exit("zoo eval zeroshot: give --model NAME or --checkpoint DIR")
+    try:
+        zero_shot_classification(args.model, args.checkpoint, args.dataset, args.batch_size, args.workers,
+                                 args.device, args.json)
+    except (DataError, CheckpointError, UnknownModelError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"zoo eval zeroshot: {e}")
+
+
 def add_eval_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="run an evaluation suite", description="Evaluate models.")
     suites = p.add_subparsers(dest="suite", required=True, metavar="SUITE")
@@ -62,6 +77,17 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--device", default="auto")
     c.add_argument("--json", default=None, help="also write the results here")
     c.set_defaults(func=_cmd_eval_classify)
+    z = suites.add_parser("zeroshot", help="zero-shot classification of an image-text model (CLIP_benchmark's JSON)",
+                          description="Zero-shot top-1 / top-5 accuracy and mean per-class recall, with open_clip's "
+                                      "template-ensembled classifier, on a dataset's evaluation split.")
+    z.add_argument("--model", default=None, help="a registered image-text model (random weights without --checkpoint)")
+    z.add_argument("--checkpoint", default=None, help="a native checkpoint directory")
+    z.add_argument("--dataset", required=True, help="fashion-mnist[:DIR], a folder with train/ and val/, or shards")
+    z.add_argument("--batch-size", type=int, default=64)
+    z.add_argument("--workers", type=int, default=4)
+    z.add_argument("--device", default="auto")
+    z.add_argument("--json", default=None, help="also write the results here")
+    z.set_defaults(func=_cmd_eval_zeroshot)
 
 
 def _cmd_bench_kernels(args) -> None:

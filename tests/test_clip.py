@@ -1,6 +1,7 @@
 """RWKV-CLIP with open_clip's interface: towers, the bidirectional token shift, configs, tokenizer, transforms,
 encode_image / encode_text / logit_scale / forward, and bad input."""
 
+import json
 import math
 
 import pytest
@@ -10,6 +11,8 @@ from PIL import Image
 
 import zoo
 from blocks import bi_token_shift
+from test_classify import fmnist_dir  # noqa: F401  (fixture)
+from zoo.cli import main as zoo_main
 from zoo.models.clip import RWKVCLIP, RWKVCLIPConfig
 
 
@@ -89,3 +92,28 @@ def test_bad_input_is_named():
         model.encode_text(torch.randn(1, 77))
     with pytest.raises(ValueError, match="not an image-text one"):
         zoo.create_model_and_transforms("vrwkv_tiny")
+
+
+def test_zero_shot_classification_reports_clip_benchmark_fields(tmp_path, fmnist_dir):  # noqa: F811
+    """The pipeline end to end on random weights (accuracies near chance, so only their ranges are checked), and the
+    classifier it builds is open_clip's template-ensembled one: every class's mean normalised text embedding."""
+    import open_clip
+
+    from eval.zeroshot import TEMPLATES
+
+    model = zoo.create_model("RWKV-CLIP-tiny")
+    zoo.save_checkpoint(model, tmp_path / "clip", name="RWKV-CLIP-tiny")
+    out = tmp_path / "zeroshot.json"
+    zoo_main(["eval", "zeroshot", "--checkpoint", str(tmp_path / "clip"), "--dataset", f"fashion-mnist:{fmnist_dir}",
+              "--workers", "0", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["task"] == "zeroshot_classification" and report["samples"] == 80
+    assert set(report) >= {"dataset", "model", "pretrained", "task", "metrics"}
+    metrics = report["metrics"]
+    assert 0 <= metrics["acc1"] <= metrics["acc5"] <= 1 and 0 <= metrics["mean_per_class_recall"] <= 1
+
+    tokenizer = zoo.get_tokenizer("clip")
+    classifier = open_clip.build_zero_shot_classifier(model.eval(), tokenizer, ["cat"], TEMPLATES)
+    with torch.no_grad():
+        per_template = model.encode_text(tokenizer([t.format("cat") for t in TEMPLATES]), normalize=True)
+    torch.testing.assert_close(classifier[:, 0], F.normalize(per_template.mean(0), dim=0))

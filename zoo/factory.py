@@ -13,7 +13,7 @@ from .checkpoint import load_weights, read_state_dict
 from .models import rwkv4, vrwkv
 from .registry import get_entry
 
-__all__ = ["create_model", "create_model_and_transforms", "model_info", "build_config", "count_params"]
+__all__ = ["create_model", "create_model_and_transforms", "clip_transforms", "model_info", "build_config", "count_params"]
 
 
 def build_config(name: str, **overrides) -> Any:
@@ -49,19 +49,22 @@ def create_model(name: str, pretrained: str | None = None, device=None, dtype: t
     return model
 
 
-def create_model_and_transforms(name: str, pretrained: str | None = None, device=None, **overrides):
-    """open_clip's entry point for the image-text models: (model, preprocess_train, preprocess_val), the
-    transforms open_clip's at the model's image size with OpenAI CLIP's mean and std."""
+def clip_transforms(image_size: int):
+    """(preprocess_train, preprocess_val): open_clip's image transforms with OpenAI CLIP's mean and std."""
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     from open_clip.transform import image_transform
 
+    return (image_transform(image_size, True, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD),
+            image_transform(image_size, False, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
+
+
+def create_model_and_transforms(name: str, pretrained: str | None = None, device=None, **overrides):
+    """open_clip's entry point for the image-text models: (model, preprocess_train, preprocess_val)."""
     entry = get_entry(name)
     if entry.family != "clip":
         raise ValueError(f"{name} is a {entry.family} model, not an image-text one: use zoo.create_model")
     model = create_model(name, pretrained, device, **overrides)
-    size = model.config.image_size
-    return (model, image_transform(size, True, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD),
-            image_transform(size, False, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
+    return (model, *clip_transforms(model.config.image_size))
 
 
 def count_params(model: nn.Module) -> int:
