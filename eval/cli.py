@@ -49,6 +49,20 @@ def _cmd_eval_zeroshot(args) -> None:
         sys.exit(f"zoo eval zeroshot: {e}")
 
 
+def _cmd_eval_retrieval(args) -> None:
+    from recipes.data import DataError
+    from zoo import CheckpointError, UnknownModelError
+
+    from .retrieval import retrieval
+
+    if not (args.model or args.checkpoint):
+        sys.exit("zoo eval retrieval: give --model NAME or --checkpoint DIR")
+    try:
+        retrieval(args.model, args.checkpoint, args.data, args.batch_size, args.device, args.json)
+    except (DataError, CheckpointError, UnknownModelError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"zoo eval retrieval: {e}")
+
+
 def add_eval_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="run an evaluation suite", description="Evaluate models.")
     suites = p.add_subparsers(dest="suite", required=True, metavar="SUITE")
@@ -88,6 +102,16 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     z.add_argument("--device", default="auto")
     z.add_argument("--json", default=None, help="also write the results here")
     z.set_defaults(func=_cmd_eval_zeroshot)
+    r = suites.add_parser("retrieval", help="image-text retrieval recall@1/5/10 on caption shards",
+                          description="Image and text retrieval recall@1/5/10 of an image-text model on caption "
+                                      "shards (zoo data shards captions), in CLIP_benchmark's JSON layout.")
+    r.add_argument("--model", default=None, help="a registered image-text model (random weights without --checkpoint)")
+    r.add_argument("--checkpoint", default=None, help="a native checkpoint directory")
+    r.add_argument("--data", required=True, help="a caption shard directory")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--device", default="auto")
+    r.add_argument("--json", default=None, help="also write the results here")
+    r.set_defaults(func=_cmd_eval_retrieval)
 
 
 def _cmd_bench_kernels(args) -> None:

@@ -117,3 +117,30 @@ def test_zero_shot_classification_reports_clip_benchmark_fields(tmp_path, fmnist
     with torch.no_grad():
         per_template = model.encode_text(tokenizer([t.format("cat") for t in TEMPLATES]), normalize=True)
     torch.testing.assert_close(classifier[:, 0], F.normalize(per_template.mean(0), dim=0))
+
+
+def test_retrieval_recall_and_the_command_on_caption_shards(tmp_path):
+    from eval.retrieval import recall_at_k
+    from recipes.shards import caption_samples, write_shards
+
+    similarity = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.7, 0.0], [0.0, 0.1, 0.2]])
+    assert recall_at_k(similarity, 1) == pytest.approx(2 / 3) and recall_at_k(similarity, 2) == 1.0
+
+    rows = ["filepath,title"]
+    for i, color in enumerate(["red", "green", "blue", "white", "black", "gray"]):
+        Image.new("RGB", (32, 32), color).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,a {color} square")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    write_shards(caption_samples(tmp_path / "pairs.csv"), tmp_path / "shards", {"kind": "captions"}, maxcount=4)
+    zoo.save_checkpoint(zoo.create_model("RWKV-CLIP-tiny"), tmp_path / "clip", name="RWKV-CLIP-tiny")
+    out = tmp_path / "retrieval.json"
+    zoo_main(["eval", "retrieval", "--checkpoint", str(tmp_path / "clip"), "--data", str(tmp_path / "shards"),
+              "--batch-size", "4", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["task"] == "zeroshot_retrieval" and report["samples"] == 6
+    metrics = report["metrics"]
+    assert set(metrics) == {f"{side}_retrieval_recall@{k}" for side in ("image", "text") for k in (1, 5, 10)}
+    assert metrics["image_retrieval_recall@10"] == metrics["text_retrieval_recall@10"] == 1.0   # 6 candidates
+    with pytest.raises(SystemExit, match="retrieval needs caption shards"):
+        write_shards([{"__key__": "0", "cls": 1}], tmp_path / "other", {"kind": "images"})
+        zoo_main(["eval", "retrieval", "--model", "RWKV-CLIP-tiny", "--data", str(tmp_path / "other")])
