@@ -4,7 +4,6 @@ interpolation)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -40,6 +39,8 @@ def evaluate_classification(model: str | None, checkpoint: str | None, data: str
     from recipes.classify import ClassifyConfig, ImageDataConfig, evaluate_classifier, image_data
     from recipes.distributed import init_ranks
 
+    from .common import report
+
     ranks = init_ranks(device, "ddp")
     net = load_classifier(model, checkpoint, img_size).to(ranks.device)
     cfg = resolve_data_config(model=net)
@@ -59,8 +60,5 @@ def evaluate_classification(model: str | None, checkpoint: str | None, data: str
               "loss": round(metrics["loss"], 5), "param_count": round(sum(p.numel() for p in net.parameters()) / 1e6, 2),
               "img_size": size, "crop_pct": cfg["crop_pct"], "interpolation": cfg["interpolation"],
               "samples": int(metrics["samples"]), "data": data}
-    print(json.dumps(result, indent=2))
-    if out_json:
-        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
     ranks.close()
-    return result
+    return report(result, out_json)

@@ -21,46 +21,45 @@ def _cmd_eval_lm(args) -> None:
           f"loss {m['loss']:.4f} nats/token, {m['bpb']:.4f} bits/byte")
 
 
-def _cmd_eval_classify(args) -> None:
+def _run_eval(suite: str, evaluate) -> None:
+    """Run `evaluate()`; a mistake a user can make (a bad source, checkpoint, name or value) ends the command with
+    its message instead of a traceback."""
     from recipes.data import DataError
     from zoo import CheckpointError, UnknownModelError
 
+    try:
+        evaluate()
+    except (DataError, CheckpointError, UnknownModelError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"zoo eval {suite}: {e}")
+
+
+def _require_model(suite: str, args) -> None:
+    if not (args.model or args.checkpoint):
+        sys.exit(f"zoo eval {suite}: give --model NAME or --checkpoint DIR")
+
+
+def _cmd_eval_classify(args) -> None:
     from .classify import evaluate_classification
 
-    try:
-        evaluate_classification(args.model, args.checkpoint, args.data, args.img_size, args.crop_pct, args.batch_size,
-                                args.workers, args.device, args.json)
-    except (DataError, CheckpointError, UnknownModelError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"zoo eval classify: {e}")
+    _run_eval("classify", lambda: evaluate_classification(
+        args.model, args.checkpoint, args.data, args.img_size, args.crop_pct, args.batch_size, args.workers,
+        args.device, args.json))
 
 
 def _cmd_eval_zeroshot(args) -> None:
-    from recipes.data import DataError
-    from zoo import CheckpointError, UnknownModelError
-
     from .zeroshot import zero_shot_classification
 
-    if not (args.model or args.checkpoint):
-        sys.exit("zoo eval zeroshot: give --model NAME or --checkpoint DIR")
-    try:
-        zero_shot_classification(args.model, args.checkpoint, args.dataset, args.batch_size, args.workers,
-                                 args.device, args.json)
-    except (DataError, CheckpointError, UnknownModelError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"zoo eval zeroshot: {e}")
+    _require_model("zeroshot", args)
+    _run_eval("zeroshot", lambda: zero_shot_classification(
+        args.model, args.checkpoint, args.dataset, args.batch_size, args.workers, args.device, args.json))
 
 
 def _cmd_eval_retrieval(args) -> None:
-    from recipes.data import DataError
-    from zoo import CheckpointError, UnknownModelError
-
     from .retrieval import retrieval
 
-    if not (args.model or args.checkpoint):
-        sys.exit("zoo eval retrieval: give --model NAME or --checkpoint DIR")
-    try:
-        retrieval(args.model, args.checkpoint, args.data, args.batch_size, args.device, args.json)
-    except (DataError, CheckpointError, UnknownModelError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"zoo eval retrieval: {e}")
+    _require_model("retrieval", args)
+    _run_eval("retrieval", lambda: retrieval(
+        args.model, args.checkpoint, args.data, args.batch_size, args.device, args.json))
 
 
 def add_eval_command(sub: argparse._SubParsersAction) -> None:

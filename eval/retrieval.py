@@ -4,7 +4,6 @@ text_retrieval_recall@k (an image finds its caption), k = 1, 5, 10, one caption 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -23,22 +22,17 @@ def retrieval(model_name: str | None, checkpoint: str | None, data: str, batch_s
               out_json: str | None = None) -> dict:
     import webdataset as wds
 
-    import zoo
     from recipes.data import DataError
     from recipes.distributed import init_ranks
     from recipes.shards import IMAGE_FIELDS, shard_info
-    from zoo.factory import clip_transforms
+
+    from .common import load_image_text_model, report
 
     info, urls = shard_info(Path(data))
     if info.get("kind") != "captions":
         raise DataError(f"{data} holds {info.get('kind')} shards; retrieval needs caption shards (zoo data shards captions)")
-    model = zoo.load_checkpoint(checkpoint) if checkpoint else zoo.create_model(model_name)
-    if model.arch != "rwkv-clip":
-        raise ValueError(f"{checkpoint or model_name} is not an image-text model")
     dev = init_ranks(device, "ddp").device
-    model = model.to(dev).eval()
-    _, preprocess = clip_transforms(model.config.image_size)
-    tokenizer = zoo.get_tokenizer(model.config.tokenizer)
+    model, preprocess, tokenizer = load_image_text_model(model_name, checkpoint, dev)
     samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.decode("pil"),
                                wds.batched(batch_size, partial=True, collation_fn=list))
     images, texts = [], []
@@ -54,7 +48,4 @@ def retrieval(model_name: str | None, checkpoint: str | None, data: str, batch_s
         metrics[f"text_retrieval_recall@{k}"] = recall_at_k(similarity.T, k)
     result = {"dataset": data, "model": model_name or checkpoint, "pretrained": checkpoint,
               "task": "zeroshot_retrieval", "metrics": metrics, "samples": len(image_features)}
-    print(json.dumps(result, indent=2))
-    if out_json:
-        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return report(result, out_json)

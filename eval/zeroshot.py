@@ -7,9 +7,6 @@ per-class recall, in CLIP_benchmark's JSON layout (dataset, model, pretrained, t
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
 __all__ = ["zero_shot_classification", "TEMPLATES"]
@@ -25,18 +22,13 @@ def zero_shot_classification(model_name: str | None, checkpoint: str | None, dat
     the evaluation split of a classification source (fashion-mnist[:DIR], an image folder, image shards)."""
     import open_clip
 
-    import zoo
     from recipes.classify import ClassifyConfig, ImageDataConfig, image_data
     from recipes.distributed import init_ranks
-    from zoo.factory import clip_transforms
+
+    from .common import load_image_text_model, report
 
     ranks = init_ranks(device, "ddp")
-    model = zoo.load_checkpoint(checkpoint) if checkpoint else zoo.create_model(model_name)
-    if model.arch != "rwkv-clip":
-        raise ValueError(f"{checkpoint or model_name} is not an image-text model")
-    model = model.to(ranks.device).eval()
-    _, preprocess = clip_transforms(model.config.image_size)
-    tokenizer = zoo.get_tokenizer(model.config.tokenizer)
+    model, preprocess, tokenizer = load_image_text_model(model_name, checkpoint, ranks.device)
     data = image_data(ClassifyConfig(data=ImageDataConfig(source=dataset, workers=workers), batch_size=batch_size),
                       preprocess, preprocess, ranks)
     with torch.no_grad():
@@ -57,8 +49,5 @@ def zero_shot_classification(model_name: str | None, checkpoint: str | None, dat
     result = {"dataset": dataset, "model": model_name or checkpoint, "pretrained": checkpoint, "task": "zeroshot_classification",
               "metrics": {"acc1": correct1 / total, "acc5": correct5 / total, "mean_per_class_recall": recall},
               "samples": total, "templates": list(TEMPLATES)}
-    print(json.dumps(result, indent=2))
-    if out_json:
-        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
     ranks.close()
-    return result
+    return report(result, out_json)
