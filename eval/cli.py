@@ -62,6 +62,18 @@ def _cmd_eval_retrieval(args) -> None:
         args.model, args.checkpoint, args.data, args.batch_size, args.device, args.json))
 
 
+def _add_image_text_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="a registered image-text model (random weights without --checkpoint)")
+    parser.add_argument("--checkpoint", default=None, help="a native checkpoint directory")
+
+
+def _add_run_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", default=None, help="also write the results here")
+
+
 def add_eval_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="run an evaluation suite", description="Evaluate models.")
     suites = p.add_subparsers(dest="suite", required=True, metavar="SUITE")
@@ -85,31 +97,23 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
                                                  "or image shards (zoo data shards)")
     c.add_argument("--img-size", type=int, default=None, help="default: the model's")
     c.add_argument("--crop-pct", type=float, default=None, help="centre crop (default: the model's, 0.875)")
-    c.add_argument("--batch-size", type=int, default=128)
     c.add_argument("--workers", type=int, default=4)
-    c.add_argument("--device", default="auto")
-    c.add_argument("--json", default=None, help="also write the results here")
+    _add_run_args(c, batch_size=128)
     c.set_defaults(func=_cmd_eval_classify)
     z = suites.add_parser("zeroshot", help="zero-shot classification of an image-text model (CLIP_benchmark's JSON)",
                           description="Zero-shot top-1 / top-5 accuracy and mean per-class recall, with open_clip's "
                                       "template-ensembled classifier, on a dataset's evaluation split.")
-    z.add_argument("--model", default=None, help="a registered image-text model (random weights without --checkpoint)")
-    z.add_argument("--checkpoint", default=None, help="a native checkpoint directory")
+    _add_image_text_model_args(z)
     z.add_argument("--dataset", required=True, help="fashion-mnist[:DIR], a folder with train/ and val/, or shards")
-    z.add_argument("--batch-size", type=int, default=64)
     z.add_argument("--workers", type=int, default=4)
-    z.add_argument("--device", default="auto")
-    z.add_argument("--json", default=None, help="also write the results here")
+    _add_run_args(z, batch_size=64)
     z.set_defaults(func=_cmd_eval_zeroshot)
     r = suites.add_parser("retrieval", help="image-text retrieval recall@1/5/10 on caption shards",
                           description="Image and text retrieval recall@1/5/10 of an image-text model on caption "
                                       "shards (zoo data shards captions), in CLIP_benchmark's JSON layout.")
-    r.add_argument("--model", default=None, help="a registered image-text model (random weights without --checkpoint)")
-    r.add_argument("--checkpoint", default=None, help="a native checkpoint directory")
+    _add_image_text_model_args(r)
     r.add_argument("--data", required=True, help="a caption shard directory")
-    r.add_argument("--batch-size", type=int, default=64)
-    r.add_argument("--device", default="auto")
-    r.add_argument("--json", default=None, help="also write the results here")
+    _add_run_args(r, batch_size=64)
     r.set_defaults(func=_cmd_eval_retrieval)
 
 
