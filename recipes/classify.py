@@ -179,10 +179,8 @@ def image_data(cfg: ClassifyConfig, train_transform, eval_transform, ranks) -> I
 
 
 def _shard_data(cfg: ClassifyConfig, root: Path, train_transform, eval_transform, ranks) -> ImageData:
-    from dataclasses import replace
-
     from .data import DataError
-    from .shards import IMAGE_FIELDS, ShardStream, shard_info
+    from .shards import EpochStreams, ShardStream, image_of, shard_info
 
     eval_dir = next((root / name for name in ("val", "test") if (root / name / "info.json").exists()), None)
     if eval_dir is None:
@@ -190,8 +188,7 @@ def _shard_data(cfg: ClassifyConfig, root: Path, train_transform, eval_transform
 
     def labelled(transform):
         def sample(fields: dict, rng) -> tuple:
-            image = next(fields[k] for k in IMAGE_FIELDS if k in fields)
-            return transform(image.convert("RGB")), torch.tensor(int(fields["cls"]))
+            return transform(image_of(fields).convert("RGB")), torch.tensor(int(fields["cls"]))
         return sample
 
     train = ShardStream(root / "train", labelled(train_transform), cfg.batch_size, ranks.rank, ranks.world_size,
@@ -201,17 +198,9 @@ def _shard_data(cfg: ClassifyConfig, root: Path, train_transform, eval_transform
                              min(cfg.data.workers, eval_shards // ranks.world_size), resampled=False,
                              shuffle_buffer=1, partial=True)
     updates = max(1, train.info["samples"] // (cfg.batch_size * ranks.world_size))
-    epochs: list[ShardStream] = []  # one stream per epoch, seeded by it
-
-    def train_batches(epoch: int):
-        epochs.append(replace(train, seed=cfg.seed * 1009 + epoch))
-        return epochs[-1].loader(updates)
-
-    def skipped(rest: tuple) -> Optional[int]:
-        return sum(s.skipped_so_far for s in epochs[:-1]) + epochs[-1].skipped(rest[0]) if rest else None
-
-    return ImageData(train.info["classes"], train.info["samples"], evaluation.info["samples"], updates, train_batches,
-                     evaluation.loader, skipped)
+    epochs = EpochStreams(train, updates)
+    return ImageData(train.info["classes"], train.info["samples"], evaluation.info["samples"], updates, epochs,
+                     evaluation.loader, epochs.skipped)
 
 
 def _loader(dataset, batch_size: int, ranks, workers: int, train: bool, seed: int = 0):

@@ -89,6 +89,9 @@ def _cmd_data_shards(args) -> None:
                                                {"kind": "images", "classes": shards.FASHION_MNIST_CLASSES,
                                                 "source": str(folder)}, args.shard_samples)
                     for split, idx_split in (("train", "train"), ("test", "t10k"))}
+        elif args.kind == "openclipart":
+            info = shards.write_openclipart_shards(out, Path(args.root), args.val_percent, args.max_side,
+                                                   args.max_title_repeats, args.shard_samples)
         else:
             info = shards.write_shards(
                 shards.caption_samples(Path(args.source), args.image_root and Path(args.image_root),
@@ -114,6 +117,8 @@ def add_data_command(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--shard-tokens", type=int, default=100_000_000)
     t.set_defaults(func=_cmd_data_text)
 
+    from . import shards
+
     w = data_sub.add_parser("shards", help="write webdataset shards (text, images, Fashion-MNIST, captions)",
                             description="Write webdataset shards (shard-NNNNNN.tar, sizes.json, info.json) for "
                                         "streaming, e.g. with torchrun on many processes.")
@@ -136,7 +141,18 @@ def add_data_command(sub: argparse._SubParsersAction) -> None:
                                                              "(default: the table's)")
     captions.add_argument("--image-column", default="filepath")
     captions.add_argument("--caption-column", default="title")
-    for kind in (text, images, fmnist, captions):
+    clipart = kinds.add_parser("openclipart", help="OpenClipart drawings captioned from their SVG metadata: "
+                                                   "OUT/train and OUT/val",
+                               description="Caption shards of Debian's openclipart-png drawings, each captioned with "
+                                           "its SVG's title and keywords (openclipart-svg); drawings without a usable "
+                                           "title (none, or a collection's name) are skipped and counted.")
+    clipart.add_argument("--root", default=str(shards.OPENCLIPART_DIR), help="folder holding png/ and svg/")
+    clipart.add_argument("--val-percent", type=float, default=5.0)
+    clipart.add_argument("--max-side", type=int, default=256, help="longer image side after downscaling")
+    clipart.add_argument("--max-title-repeats", type=int, default=20,
+                         help="a title shared by more drawings is a collection's name, not a caption")
+    for kind in (text, images, fmnist, captions, clipart):
         kind.add_argument("--out", required=True, help="output directory")
-        kind.add_argument("--shard-samples", type=int, default=10_000, help="samples per shard")
+        kind.add_argument("--shard-samples", type=int, default=1000 if kind is clipart else 10_000,
+                          help="samples per shard")
         kind.set_defaults(func=_cmd_data_shards)

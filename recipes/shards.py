@@ -6,11 +6,13 @@ and `info.json` (what the samples are). Kinds and their sample fields:
 - text: `tokens.npy`, a run of `chunk_tokens` consecutive token ids of the tokenized files;
 - images (an image folder, one sub-folder per class, or Fashion-MNIST's IDX files): the image's bytes
   under its format (`png`, `jpg`, ...) and `cls`, the class index;
-- captions (a CSV/TSV table of image path and caption): the image's bytes and `txt`.
+- captions (a CSV/TSV table of image path and caption, or OpenClipart's drawings captioned with their SVG
+  titles and keywords): the image's bytes and `txt`.
 
 Reading follows webdataset's pipeline (as open_clip does): finite epochs split shards over ranks and
-loader workers; infinite streams resample shards with a seed per rank and worker; samples are shuffled
-in a buffer seeded per rank and worker; a sample that fails to read or decode is skipped and counted
+loader workers; infinite streams cycle through the shards in a fresh seeded order per rank, worker and
+cycle (drawing them with replacement would repeat samples within a batch on small data); samples are
+shuffled in a buffer seeded per rank and worker; a sample that fails to read or decode is skipped and counted
 (`SkipCounter`), and the count reaches the training logs. The number of batches per epoch is set on the
 loader (`WebLoader.with_epoch`), not per worker.
 """
@@ -23,19 +25,24 @@ import io
 import json
 import logging
 import random
+import re
 import struct
+import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .data import DataError
 
 __all__ = ["SIZES", "INFO", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "write_shards", "text_samples",
-           "image_folder_samples", "fashion_mnist_samples", "caption_samples", "read_idx", "shard_info", "SkipCounter",
-           "ShardStream", "write_text_shards", "read_token_shards", "lm_windows"]
+           "image_folder_samples", "fashion_mnist_samples", "caption_samples", "openclipart_pairs",
+           "caption_pair_samples", "write_openclipart_shards", "read_idx", "shard_info", "SkipCounter",
+           "ShardStream", "EpochStreams", "image_of", "write_text_shards", "read_token_shards", "lm_windows"]
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +175,138 @@ def caption_samples(table: Path, image_root: Path | None = None, image_column: s
             index += 1
 
 
+OPENCLIPART_DIR = Path("/usr/share/openclipart")
+_SVG_NS = {"dc": "http://purl.org/dc/elements/1.1/", "cc": "http://web.resource.org/cc/",
+           "rdf": "http://www.w3.org/1999/02/22-rdf-syntax-ns#"}
+_CLIPART_BY = re.compile(r"^clip\s*art by [^-]*-\s*", re.IGNORECASE)   # "Clipart by Nicu Buculei - pear"
+
+
+def _clean_words(text: str | None) -> str:
+    """Underscores and dashes to spaces, whitespace collapsed, a trailing number dropped ("Aircraft3")."""
+    text = re.sub(r"[_\s-]+", " ", text or "").strip()
+    return re.sub(r"\s*\d+$", "", text).strip()
+
+
+def _svg_metadata(path: Path) -> tuple[str, list[str]]:
+    """(title, keywords) of an SVG's Dublin Core metadata, cleaned; keywords that repeat words of the title or an
+    earlier keyword, or name the author, are dropped."""
+    import xml.etree.ElementTree as ET
+
+    work = ET.parse(path).getroot().find(".//cc:Work", _SVG_NS)
+    if work is None:
+        return "", []
+    title = _clean_words(_CLIPART_BY.sub("", work.findtext("dc:title", "", _SVG_NS)))
+    author = _clean_words(work.findtext("dc:creator/cc:Agent/dc:title", "", _SVG_NS)).lower()
+    keywords: list[str] = []
+    seen = set(title.lower().split())
+    for item in work.findall("dc:subject/rdf:Bag/rdf:li", _SVG_NS):
+        keyword = _clean_words(item.text)
+        if len(keyword) > 1 and keyword.lower() not in (author, "hash") and not set(keyword.lower().split()) <= seen:
+            keywords.append(keyword)
+            seen |= set(keyword.lower().split())
+    return title, keywords
+
+
+def openclipart_pairs(root: Path = OPENCLIPART_DIR, max_title_repeats: int = 20) -> tuple[list[tuple[Path, str]], dict]:
+    """(PNG path, caption) pairs of Debian's openclipart-png + openclipart-svg, and counts of what was skipped.
+
+    The caption is the SVG's title then its keywords ("Soft Blue Couch: furniture"). An entry without a usable
+    title is skipped: no PNG or unreadable SVG, a title without two letters in a row, or a collection's name
+    rather than the drawing's (a title shared by more than `max_title_repeats` drawings, e.g. "Lemon SVG theme")."""
+    svgs = sorted((root / "svg").rglob("*.svg"))
+    if not svgs:
+        raise FileNotFoundError(f"no SVG files under {root / 'svg'} (Debian: apt-get install openclipart-svg "
+                                "openclipart-png)")
+    skipped = {"no png": 0, "unreadable svg": 0, "no usable title": 0, "collection title": 0}
+    entries = []
+    for svg in tqdm(svgs, desc="reading SVG metadata", unit="file", mininterval=1):
+        png = root / "png" / svg.relative_to(root / "svg").with_suffix(".png")
+        if not png.is_file():
+            skipped["no png"] += 1
+            continue
+        try:
+            title, keywords = _svg_metadata(svg)
+        except Exception:  # noqa: BLE001 - ElementTree raises ParseError and encoding errors alike
+            skipped["unreadable svg"] += 1
+            continue
+        if not re.search("[A-Za-z]{2}", title):
+            skipped["no usable title"] += 1
+            continue
+        entries.append((png, title, keywords))
+    repeats = Counter(title.lower() for _, title, _ in entries)
+    pairs = []
+    for png, title, keywords in entries:
+        if repeats[title.lower()] > max_title_repeats:
+            skipped["collection title"] += 1
+        else:
+            pairs.append((png, f"{title}: {', '.join(keywords)}" if keywords else title))
+    return pairs, skipped
+
+
+MAX_PIXELS = 50_000_000   # larger drawings (OpenClipart has a few of 100+ megapixels) are skipped, not decoded
+
+
+def _flattened_image(path: Path, max_side: int) -> bytes | str:
+    """An image file as lossless WebP (about 40% smaller than PNG for drawings): transparency flattened onto white,
+    the longer side scaled down to `max_side`; or, for a file that does not open or has more than MAX_PIXELS
+    pixels, the reason as text."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_PIXELS:
+                return f"{image.width} x {image.height} pixels, more than {MAX_PIXELS:,}"
+            rgba = image.convert("RGBA")
+    except (OSError, Image.DecompressionBombError) as e:
+        return f"{type(e).__name__}: {e}"
+    flat = Image.new("RGB", rgba.size, "white")
+    flat.paste(rgba, mask=rgba.getchannel("A"))
+    flat.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    webp = io.BytesIO()
+    flat.save(webp, format="WEBP", lossless=True)
+    return webp.getvalue()
+
+
+def caption_pair_samples(pairs: list[tuple[Path, str]], max_side: int = 256, skipped: dict | None = None,
+                         workers: int | None = None) -> Iterator[dict]:
+    """Samples (`webp`, `txt`) of (image path, caption) pairs, images flattened and scaled by `workers` processes;
+    an image that does not open, or is too large, is skipped with a warning and counted in
+    `skipped["unreadable image"]`."""
+    import multiprocessing
+    from functools import partial
+
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        images = pool.imap(partial(_flattened_image, max_side=max_side), [path for path, _ in pairs], chunksize=8)
+        index = 0
+        for (path, caption), image in zip(pairs, images):
+            if isinstance(image, str):
+                log.warning("skipping %s: %s", path, image)
+                if skipped is not None:
+                    skipped["unreadable image"] = skipped.get("unreadable image", 0) + 1
+                continue
+            yield {"__key__": f"{index:09d}", "webp": image, "txt": caption}
+            index += 1
+
+
+def write_openclipart_shards(out_dir: Path, root: Path = OPENCLIPART_DIR, val_percent: float = 5.0,
+                             max_side: int = 256, max_title_repeats: int = 20, shard_samples: int = 1000) -> dict:
+    """OpenClipart's (drawing, caption) pairs as caption shards in out_dir/train and out_dir/val; the split is
+    fixed by a hash of each drawing's path, and each split is written in a seeded random order (the files sort
+    by category, and a shard stream's first batches would otherwise come from one category). Returns both
+    splits' info (with what was skipped and why)."""
+    pairs, skipped = openclipart_pairs(root, max_title_repeats)
+    held_out = [zlib.crc32(str(path.relative_to(root)).encode()) % 10_000 < val_percent * 100 for path, _ in pairs]
+    info = {"kind": "captions", "source": f"openclipart:{root}", "max_side": max_side, "skipped": skipped}
+    result = {}
+    for split, keep in (("train", False), ("val", True)):
+        chosen = [pair for pair, h in zip(pairs, held_out) if h == keep]
+        random.Random(0).shuffle(chosen)
+        samples = caption_pair_samples(chosen, max_side, skipped)   # counts unreadable images into info
+        result[split] = write_shards(tqdm(samples, desc=f"writing {split}", total=len(chosen), unit="image",
+                                          mininterval=1), out_dir / split, info, shard_samples)
+    return result
+
+
 # --- reading --------------------------------------------------------------------------------------------------
 
 
@@ -201,11 +340,10 @@ class ShardStream:
     """Batches from a shard directory for one rank of a job.
 
     `make_sample(sample, rng)` turns a decoded sample dict (images as `image_decoder` gives them) into a tuple of
-    tensors (rng: this worker's seeded
-    random.Random, for crops or windows); batches are the stacked tuples plus, last, (worker id, samples that
-    worker skipped so far). With `resampled`, shards are drawn with replacement forever (seeded per rank and
-    worker); without, each epoch splits the shards over ranks and workers, which needs at least
-    world_size x workers shards.
+    tensors (rng: this worker's seeded random.Random, for crops or windows); batches are the stacked tuples plus,
+    last, (worker id, samples that worker skipped so far). With `resampled`, each worker reads the shards forever,
+    every shard once per cycle in an order seeded per rank, worker and cycle; without, each epoch splits the
+    shards over ranks and workers, which needs at least world_size x workers shards.
     """
 
     folder: Path
@@ -257,8 +395,7 @@ class ShardStream:
             return (*batch, (_worker_id(), counter.count))
 
         if self.resampled:
-            stages = [wds.ResampledShards(self.urls, seed=self.seed, deterministic=True,
-                                          worker_seed=lambda: self.rank * 1009 + _worker_id())]
+            stages = [self._shard_cycles]
         else:
             stages = [wds.SimpleShardList(self.urls), self._split_by_rank, wds.split_by_worker]
         pipeline = wds.DataPipeline(*stages, wds.tarfile_to_samples(handler=counter), shuffled,
@@ -266,6 +403,16 @@ class ShardStream:
                                     wds.batched(self.batch_size, partial=self.partial), wds.map(with_skip_count))
         loader = wds.WebLoader(pipeline, batch_size=None, num_workers=self.workers)
         return loader.with_epoch(batches) if batches is not None else loader
+
+    def _shard_cycles(self) -> Iterator[dict]:
+        """Every shard once per cycle, in an order drawn afresh each cycle (seeded per rank and worker), forever.
+        Unlike drawing shards with replacement (webdataset's ResampledShards), a worker never reads a shard twice
+        within a cycle, so a small dataset's batches do not repeat samples (a repeated pair is a false negative
+        for a contrastive loss)."""
+        rng = random.Random(2 * self._worker_seed() + 2**40)
+        while True:
+            for url in rng.sample(self.urls, len(self.urls)):
+                yield {"url": url}
 
     def _split_by_rank(self, shards: Iterable[dict]) -> Iterator[dict]:
         """Every world_size-th shard from this rank's (webdataset's split_by_node, for this Ranks' rank)."""
@@ -282,6 +429,35 @@ class ShardStream:
     @property
     def skipped_so_far(self) -> int:
         return sum(self._skipped.values())
+
+
+class EpochStreams:
+    """One training epoch after another from a resampled ShardStream: each epoch a fresh stream seeded by the
+    epoch (so a resumed run sees what an uninterrupted one would have at that epoch), `batches` batches long;
+    `skipped(batch_tail)` counts the corrupt samples every epoch's stream has skipped so far."""
+
+    def __init__(self, stream: ShardStream, batches: int):
+        self.stream, self.batches, self.epochs = stream, batches, []
+
+    def __call__(self, epoch: int):
+        from dataclasses import replace
+
+        self.epochs.append(replace(self.stream, seed=self.stream.seed * 1009 + epoch))
+        return self.epochs[-1].loader(self.batches)
+
+    def skipped(self, batch_tail: tuple) -> int | None:
+        """batch_tail: what follows a batch's tensors (the (worker, count) pair), or () for none."""
+        if not batch_tail:
+            return None
+        return sum(s.skipped_so_far for s in self.epochs[:-1]) + self.epochs[-1].skipped(batch_tail[0])
+
+
+def image_of(fields: dict):
+    """The image of a decoded sample, under whichever format it was written."""
+    for key in IMAGE_FIELDS:
+        if key in fields:
+            return fields[key]
+    raise DataError(f"sample {fields.get('__key__')} has no image (fields: {sorted(fields)})")
 
 
 def _worker_id() -> int:

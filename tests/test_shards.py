@@ -83,6 +83,15 @@ def test_resampled_streams_are_seeded_per_rank_and_the_epoch_length_is_the_loade
     assert a == first(0, seed=1) and a != first(1, seed=1) and a != first(0, seed=2)
 
 
+def test_an_infinite_stream_reads_every_shard_once_per_cycle(tmp_path):
+    """A worker's first 40 samples are the 40 of the set (drawing 8 shards with replacement repeats one with
+    probability 1 - 8!/8^8 > 99%), the next 40 again, in another order."""
+    write_shards(numbered(40), tmp_path, {"kind": "test"}, maxcount=5)
+    stream = ShardStream(tmp_path, first_token, batch_size=40, workers=0, seed=3, shuffle_buffer=1)
+    first, second = (batch[0].tolist() for batch in stream.loader(2))
+    assert sorted(first) == sorted(second) == list(range(40)) and first != second
+
+
 def rewrite_member(tar_path: Path, name: str, data: bytes) -> None:
     """Replace one member's bytes in a tar file."""
     with tarfile.open(tar_path) as tar:
