@@ -16,9 +16,10 @@ def load_image_text_model(model_name: str | None, checkpoint: str | None, device
     registered image-text model with random weights."""
     import zoo
     from zoo.factory import clip_transforms
+    from zoo.models.clip import ImageTextModel
 
     model = zoo.load_checkpoint(checkpoint) if checkpoint else zoo.create_model(model_name)
-    if model.arch != "rwkv-clip":
+    if not isinstance(model, ImageTextModel):
         raise ValueError(f"{checkpoint or model_name} is not an image-text model")
     _, preprocess = clip_transforms(model.config.image_size)
     return model.to(device).eval(), preprocess, zoo.get_tokenizer(model.config.tokenizer)

@@ -9,11 +9,15 @@ excluded). Sizes are those of the published configs (width 640; image: depth 12,
 2240, heads of 64; CLIP BPE, context 77). `block` names the towers' block family: the published model uses
 RWKV-6 blocks, which this zoo does not have yet (issue 9), so its checkpoints do not load here; the key mapping
 belongs with that block, not a stand-in.
+
+Baselines: `openclip-ViT-B-32` etc. are open_clip's own models (`open_clip.create_model`, random weights) behind
+the same interface, so recipes and evaluations compare RWKV-CLIP with a ViT CLIP on equal terms.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, replace
 from functools import partial
@@ -22,13 +26,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from blocks.vision import VRWKVBlock, bi_token_shift
 
 from ..registry import register_model
 from .vrwkv import VisionRWKV
 
-__all__ = ["RWKVCLIPConfig", "RWKVCLIP", "TextRWKV", "CONFIG_DIR"]
+__all__ = ["RWKVCLIPConfig", "RWKVCLIP", "TextRWKV", "ImageTextModel", "OpenCLIPConfig", "OpenCLIPBaseline",
+           "CONFIG_DIR"]
 
 PAPER = "RWKV-CLIP: A Robust Vision-Language Representation Learner (arXiv 2406.06973)"
 CONFIG_DIR = Path(__file__).with_name("clip_configs")
@@ -73,6 +79,7 @@ class TextRWKV(nn.Module):
             VRWKVBlock(config.text_width, i, config.text_layers, config.text_mlp_ratio, token_shift=shift)
             for i in range(config.text_layers))
         self.ln_final = nn.LayerNorm(config.text_width)
+        self.grad_checkpointing = False
 
     def forward(self, text: Tensor) -> Tensor:
         if text.dim() != 2 or text.dtype not in (torch.int32, torch.int64):
@@ -82,15 +89,28 @@ class TextRWKV(nn.Module):
                              "(the tokenizer truncates to it)")
         x = self.token_embedding(text)
         for block in self.blocks:
-            x = block(x, None)
+            x = checkpoint(block, x, None, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() \
+                else block(x, None)
         x = self.ln_final(x)
         keep = (text != 0).unsqueeze(-1).to(x.dtype)
         return (x * keep).sum(1) / keep.sum(1).clamp(min=1)
 
 
-class RWKVCLIP(nn.Module):
-    """open_clip's CLIP interface: encode_image, encode_text, logit_scale (stored as a log) and forward(image, text)
-    returning {"image_features", "text_features", "logit_scale"} (features normalised, scale exp'd, at most 100)."""
+class ImageTextModel(nn.Module):
+    """open_clip's CLIP interface on top of `encode_image`, `encode_text` and `logit_scale` (a log):
+    forward(image, text) returns {"image_features", "text_features", "logit_scale"}, features normalised and the
+    scale exp'd and clamped at 100 (open_clip's trainer clamps the parameter to log 100 instead)."""
+
+    def forward(self, image: Tensor | None = None, text: Tensor | None = None) -> dict:
+        if image is not None and text is not None and image.shape[0] != text.shape[0]:
+            raise ValueError(f"{image.shape[0]} images but {text.shape[0]} texts: a contrastive batch pairs them")
+        return {"image_features": self.encode_image(image, normalize=True) if image is not None else None,
+                "text_features": self.encode_text(text, normalize=True) if text is not None else None,
+                "logit_scale": self.logit_scale.exp().clamp(max=100)}
+
+
+class RWKVCLIP(ImageTextModel):
+    """RWKV image and text towers with linear projections into a shared embedding and a learnable logit scale."""
 
     arch = "rwkv-clip"
     config_class = RWKVCLIPConfig
@@ -120,21 +140,78 @@ class RWKVCLIP(nn.Module):
         features = self.text_projection(self.text(text))
         return F.normalize(features, dim=-1) if normalize else features
 
-    def forward(self, image: Tensor | None = None, text: Tensor | None = None) -> dict:
-        if image is not None and text is not None and image.shape[0] != text.shape[0]:
-            raise ValueError(f"{image.shape[0]} images but {text.shape[0]} texts: a contrastive batch pairs them")
-        return {"image_features": self.encode_image(image, normalize=True) if image is not None else None,
-                "text_features": self.encode_text(text, normalize=True) if text is not None else None,
-                "logit_scale": self.logit_scale.exp().clamp(max=100)}
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        self.text.grad_checkpointing = enable
 
     def no_weight_decay(self) -> set[str]:
         return {"logit_scale", *(f"visual.{n}" for n in self.visual.no_weight_decay())}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@dataclass
+class OpenCLIPConfig:
+    model_name: str = "ViT-B-32"         # the model's name in open_clip
+    image_size: int = 224
+    tokenizer: str = "clip"
+
+
+class OpenCLIPBaseline(ImageTextModel):
+    """An open_clip model (`open_clip.create_model(model_name)`, random weights) as `self.model`, with this
+    zoo's checkpoints and the RWKV-CLIP interface; its state dict is open_clip's under the prefix `model.`."""
+
+    arch = "open_clip"
+    config_class = OpenCLIPConfig
+
+    def __init__(self, config: OpenCLIPConfig | None = None, **overrides):
+        import open_clip
+
+        super().__init__()
+        self.config = replace(config or OpenCLIPConfig(), **overrides)
+        random_init_notice = _DropMessage("No pretrained weights loaded")   # random weights are the point here
+        logging.getLogger().addFilter(random_init_notice)
+        try:
+            self.model = open_clip.create_model(self.config.model_name, force_image_size=self.config.image_size,
+                                                device=torch.get_default_device())
+        finally:
+            logging.getLogger().removeFilter(random_init_notice)
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.model.logit_scale
+
+    def encode_image(self, image: Tensor, normalize: bool = False) -> Tensor:
+        return self.model.encode_image(image, normalize=normalize)
+
+    def encode_text(self, text: Tensor, normalize: bool = False) -> Tensor:
+        return self.model.encode_text(text, normalize=normalize)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.dim() < 2}
+
+
+OPEN_CLIP_BASELINES = ("ViT-S-32", "ViT-B-32", "ViT-B-16")
+OPEN_CLIP_PAPER = "Learning Transferable Visual Models From Natural Language Supervision (arXiv 2103.00020), open_clip"
 
 
 def _register() -> None:
     for path in sorted(CONFIG_DIR.glob("*.json")):
         fields = json.loads(path.read_text())
         register_model(path.stem, RWKVCLIP, RWKVCLIPConfig(**fields), family="clip", paper=PAPER)
+    for name in OPEN_CLIP_BASELINES:
+        register_model(f"openclip-{name}", OpenCLIPBaseline, OpenCLIPConfig(name), family="clip",
+                       paper=OPEN_CLIP_PAPER)
 
 
 _register()
