@@ -29,13 +29,22 @@ def _cmd_train(args) -> None:
             from .classify import train_classifier
 
             result = train_classifier(cfg)
+        elif cfg.task == "clip":
+            from .clip import train_clip
+
+            result = train_clip(cfg)
         else:
             result = train(cfg)
     except (RecipeError, DataError, CheckpointError, NonFiniteLossError, FileNotFoundError, FloatingPointError) as e:
         sys.exit(f"zoo train: {e}")
-    if cfg.task == "classify":
-        final = result["final"]
+    final = result.get("final")
+    if cfg.task == "classify" and final:
         print(f"evaluation: top-1 {final['top1']:.2f}%, top-5 {final['top5']:.2f}% on {final['samples']:.0f} images")
+    if cfg.task == "clip" and final:
+        print(f"evaluation: val mean retrieval recall {final['mean_recall']:.2%}, image R@1 "
+              f"{final['image_retrieval_recall@1']:.2%}, text R@1 {final['text_retrieval_recall@1']:.2%}"
+              + (f", zero-shot top-1 {final['zeroshot_acc1']:.2%}" if "zeroshot_acc1" in final else ""))
+    if cfg.task in ("classify", "clip"):
         print(f"model saved to {result['model_dir']}")
         return
     first, final = result["first_val"], result["final_val"]

@@ -11,8 +11,9 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from zoo import UnknownModelError
+from zoo import UnknownModelError, list_models
 from zoo.factory import build_config
+from zoo.registry import get_entry
 
 __all__ = ["DataConfig", "OptimConfig", "TrainConfig", "load_recipe", "recipe_path", "RecipeError"]
 
@@ -22,6 +23,7 @@ class RecipeError(ValueError):
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+TASK_FAMILIES = {"lm": "language", "classify": "vision", "clip": "clip"}   # the registry family each task trains
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -51,7 +53,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    task: str = "lm"                # lm (this schema) or classify (recipes.classify.ClassifyConfig)
+    task: str = "lm"                # lm (this schema), classify (recipes.classify.ClassifyConfig) or clip
+                                    # (recipes.clip.ClipConfig)
     model: str = "rwkv4-tiny"
     model_args: dict[str, Any] = field(default_factory=dict)   # config overrides, e.g. {n_layer: 6}
     init_from: Optional[str] = None  # checkpoint (native or official .pth) to start from
@@ -106,27 +109,37 @@ def recipe_path(recipe: str) -> Path:
 def load_recipe(recipe: str | None, overrides: list[str] = ()):
     """Schema defaults <- recipe YAML <- `key=value` overrides (dotted keys: optim.lr=1e-3).
 
-    The recipe's `task` picks the schema (lm: TrainConfig; classify: recipes.classify.ClassifyConfig). The model
-    name and model_args are checked against the registry here, before any work starts.
+    The recipe's `task` picks the schema (lm: TrainConfig; classify: recipes.classify.ClassifyConfig; clip:
+    recipes.clip.ClipConfig). The model name and model_args are checked against the registry here, before any
+    work starts.
     """
     try:
         given = OmegaConf.merge(OmegaConf.load(recipe_path(recipe)) if recipe is not None else OmegaConf.create(),
                                 OmegaConf.from_dotlist(list(overrides)))
-        schemas = {"lm": TrainConfig, "classify": _classify_schema()}
+        schemas = {"lm": TrainConfig, **_task_schemas()}
         task = given.get("task", "lm")
         if task not in schemas:
             raise RecipeError(f"task must be one of {', '.join(schemas)}, got {task!r}")
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schemas[task]), given))
+        family = get_entry(cfg.model).family
+        if family != TASK_FAMILIES[task]:
+            raise RecipeError(f"{cfg.model} is a {family} model; task {task} trains {TASK_FAMILIES[task]} models "
+                              f"({', '.join(list_models_of(TASK_FAMILIES[task]))})")
         build_config(cfg.model, **cfg.model_args)
         return cfg
     except (OmegaConfBaseException, yaml.YAMLError, FileNotFoundError, UnknownModelError, TypeError) as e:
         raise RecipeError(f"invalid recipe {recipe or '(defaults)'}: {e}") from None
 
 
-def _classify_schema() -> type:
-    from .classify import ClassifyConfig
+def list_models_of(family: str) -> list[str]:
+    return [name for name in list_models() if get_entry(name).family == family]
 
-    return ClassifyConfig
+
+def _task_schemas() -> dict[str, type]:
+    from .classify import ClassifyConfig
+    from .clip import ClipConfig
+
+    return {"classify": ClassifyConfig, "clip": ClipConfig}
 
 
 def to_yaml(cfg) -> str:

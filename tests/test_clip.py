@@ -99,7 +99,7 @@ def test_zero_shot_classification_reports_clip_benchmark_fields(tmp_path, fmnist
     classifier it builds is open_clip's template-ensembled one: every class's mean normalised text embedding."""
     import open_clip
 
-    from eval.zeroshot import TEMPLATES
+    from recipes.clip import TEMPLATES
 
     model = zoo.create_model("RWKV-CLIP-tiny")
     zoo.save_checkpoint(model, tmp_path / "clip", name="RWKV-CLIP-tiny")
@@ -120,11 +120,13 @@ def test_zero_shot_classification_reports_clip_benchmark_fields(tmp_path, fmnist
 
 
 def test_retrieval_recall_and_the_command_on_caption_shards(tmp_path):
-    from eval.retrieval import recall_at_k
+    from recipes.clip import retrieval_metrics
     from recipes.shards import caption_samples, write_shards
 
-    similarity = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.7, 0.0], [0.0, 0.1, 0.2]])
-    assert recall_at_k(similarity, 1) == pytest.approx(2 / 3) and recall_at_k(similarity, 2) == 1.0
+    similarity = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.7, 0.0], [0.0, 0.1, 0.2]])    # [captions, images]
+    recall = retrieval_metrics(torch.eye(3), similarity)          # text features @ identity = the similarity
+    assert recall["image_retrieval_recall@1"] == pytest.approx(2 / 3)    # caption 1 ranks image 0 first
+    assert recall["text_retrieval_recall@1"] == 1.0 and recall["image_retrieval_recall@5"] == 1.0
 
     rows = ["filepath,title"]
     for i, color in enumerate(["red", "green", "blue", "white", "black", "gray"]):
@@ -141,6 +143,38 @@ def test_retrieval_recall_and_the_command_on_caption_shards(tmp_path):
     metrics = report["metrics"]
     assert set(metrics) == {f"{side}_retrieval_recall@{k}" for side in ("image", "text") for k in (1, 5, 10)}
     assert metrics["image_retrieval_recall@10"] == metrics["text_retrieval_recall@10"] == 1.0   # 6 candidates
-    with pytest.raises(SystemExit, match="retrieval needs caption shards"):
+    with pytest.raises(SystemExit, match="not caption shards"):
         write_shards([{"__key__": "0", "cls": 1}], tmp_path / "other", {"kind": "images"})
         zoo_main(["eval", "retrieval", "--model", "RWKV-CLIP-tiny", "--data", str(tmp_path / "other")])
+
+
+def test_clip_benchmark_api_gives_our_numbers(fmnist_dir):  # noqa: F811
+    """CLIP_benchmark's own zero-shot classification and retrieval (the optional clip-benchmark package) run our
+    model unchanged and agree with recipes.clip's metrics on the same prompts and data."""
+    classification = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
+    retrieval = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval")
+    from recipes.classify import ClassifyConfig, ImageDataConfig, image_data
+    from recipes.clip import retrieval_metrics, zero_shot_metrics
+    from recipes.distributed import Ranks
+
+    torch.manual_seed(0)
+    model, _, preprocess = zoo.create_model_and_transforms("RWKV-CLIP-tiny")
+    model.eval()
+    tokenizer = zoo.get_tokenizer("RWKV-CLIP-tiny")
+    ranks = Ranks(0, 1, torch.device("cpu"))
+    data = image_data(ClassifyConfig(data=ImageDataConfig(f"fashion-mnist:{fmnist_dir}", workers=0), batch_size=16),
+                      preprocess, preprocess, ranks)
+    theirs = classification.evaluate(model, data.eval_batches(), tokenizer, data.classes, ["a drawing of a {c}."],
+                                     "cpu", amp=False)
+    ours = zero_shot_metrics(model, tokenizer, data, ranks, templates=("a drawing of a {}.",))
+    for key in ("acc1", "acc5", "mean_per_class_recall"):
+        assert theirs[key] == pytest.approx(ours[key], abs=1e-6), key
+
+    images, labels = next(iter(data.eval_batches()))
+    captions = [f"a drawing of a {data.classes[int(c)]} number {i}" for i, c in enumerate(labels)]
+    theirs = retrieval.evaluate(model, [(images, [[c] for c in captions])], tokenizer, "cpu", amp=False,
+                                recall_k_list=[1, 5, 10])
+    with torch.no_grad():
+        ours = retrieval_metrics(model.encode_image(images, normalize=True), model.encode_text(tokenizer(captions),
+                                                                                                normalize=True))
+    assert theirs == pytest.approx(ours, abs=1e-6)
