@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import json
 import logging
 import random
@@ -373,7 +374,8 @@ class ShardStream:
         return (self.seed * 1_000_003 + self.rank) * 1009 + _worker_id()
 
     def loader(self, batches: int | None = None):
-        """A WebLoader yielding `batches` batches in all (over every worker), or one epoch's when None."""
+        """A WebLoader yielding `batches` batches in all (over every worker); when None, one pass over the shards
+        (split streams) or batches without end (resampled streams)."""
         import webdataset as wds
 
         counter = SkipCounter()
@@ -432,24 +434,25 @@ class ShardStream:
 
 
 class EpochStreams:
-    """One training epoch after another from a resampled ShardStream: each epoch a fresh stream seeded by the
-    epoch (so a resumed run sees what an uninterrupted one would have at that epoch), `batches` batches long;
-    `skipped(batch_tail)` counts the corrupt samples every epoch's stream has skipped so far."""
+    """Training epochs of `batches` batches each, cut from one continuous resampled stream, seeded by the epoch it
+    starts at (a resumed run draws a fresh, reproducible stream). The stream is not restarted each epoch: with
+    many loader workers and few batches per epoch, restarting would read the first samples of each worker's first
+    shards over and over and rarely the rest. `skipped(batch_tail)` counts the samples the stream has skipped."""
 
     def __init__(self, stream: ShardStream, batches: int):
-        self.stream, self.batches, self.epochs = stream, batches, []
+        self.stream, self.batches, self._batches = stream, batches, None
 
-    def __call__(self, epoch: int):
-        from dataclasses import replace
+    def __call__(self, epoch: int) -> Iterator:
+        if self._batches is None:
+            from dataclasses import replace
 
-        self.epochs.append(replace(self.stream, seed=self.stream.seed * 1009 + epoch))
-        return self.epochs[-1].loader(self.batches)
+            self.stream = replace(self.stream, seed=self.stream.seed * 1009 + epoch)
+            self._batches = iter(self.stream.loader())
+        return itertools.islice(self._batches, self.batches)
 
     def skipped(self, batch_tail: tuple) -> int | None:
         """batch_tail: what follows a batch's tensors (the (worker, count) pair), or () for none."""
-        if not batch_tail:
-            return None
-        return sum(s.skipped_so_far for s in self.epochs[:-1]) + self.epochs[-1].skipped(batch_tail[0])
+        return self.stream.skipped(batch_tail[0]) if batch_tail else None
 
 
 def image_of(fields: dict):

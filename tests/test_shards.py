@@ -92,6 +92,18 @@ def test_an_infinite_stream_reads_every_shard_once_per_cycle(tmp_path):
     assert sorted(first) == sorted(second) == list(range(40)) and first != second
 
 
+def test_epochs_continue_one_stream_so_every_sample_is_read(tmp_path):
+    """Epochs of one batch per worker: a stream restarted every epoch would read the first 4 samples of each
+    worker's first shard again and again and never a shard's 5th; one continuous stream reads them all."""
+    from recipes.shards import EpochStreams
+
+    write_shards(numbered(40), tmp_path, {"kind": "test"}, maxcount=5)
+    stream = ShardStream(tmp_path, first_token, batch_size=4, workers=2, shuffle_buffer=1)
+    epochs = EpochStreams(stream, batches=2)
+    seen = [i for epoch in range(10) for batch in epochs(epoch) for i in batch[0].tolist()]
+    assert len(seen) == 80 and set(seen) == set(range(40))
+
+
 def rewrite_member(tar_path: Path, name: str, data: bytes) -> None:
     """Replace one member's bytes in a tar file."""
     with tarfile.open(tar_path) as tar:
