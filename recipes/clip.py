@@ -12,7 +12,7 @@ checkpoints and logs are the language-model engine's.
 
 from __future__ import annotations
 
-import logging
+import json
 import math
 import random
 import time
@@ -30,8 +30,6 @@ from .data import DataError
 
 __all__ = ["CaptionDataConfig", "ClipOptim", "ClipConfig", "TEMPLATES", "caption_pairs", "caption_features",
            "retrieval_metrics", "zero_shot_metrics", "contrastive_loss", "train_clip"]
-
-log = logging.getLogger(__name__)
 
 TEMPLATES = ("a photo of a {}.", "a black and white photo of a {}.", "a low resolution photo of a {}.",
              "a photo of the {}.", "a drawing of a {}.", "a product photo of a {}.")
@@ -337,5 +335,8 @@ def _train(cfg: ClipConfig, ranks) -> dict:
             _save(out_dir / "checkpoints" / f"step_{done:07d}", model, optimizer, scheduler, done, cfg, ranks)
     if logger is not None:
         logger.close()
+        if metrics is not None:
+            (out_dir / "eval.json").write_text(json.dumps({"model": cfg.model, "epoch": cfg.epochs, **metrics},
+                                                          indent=2) + "\n")
     save_final_model(model, out_dir / "model", cfg.model, ranks)
     return {"final": metrics, "model_dir": str(out_dir / "model")}

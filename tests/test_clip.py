@@ -178,3 +178,23 @@ def test_clip_benchmark_api_gives_our_numbers(fmnist_dir):  # noqa: F811
         ours = retrieval_metrics(model.encode_image(images, normalize=True), model.encode_text(tokenizer(captions),
                                                                                                 normalize=True))
     assert theirs == pytest.approx(ours, abs=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = zoo.create_model("RWKV-CLIP-tiny")
+    images, text = torch.randn(2, 3, 64, 64), zoo.get_tokenizer("clip")(["a cat", "two dogs"])
+
+    def grads():
+        model.zero_grad()
+        out = model(images, text)
+        (out["image_features"] @ out["text_features"].T).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.set_grad_checkpointing()
+    assert model.text.grad_checkpointing and model.visual.grad_checkpointing
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys() and len(plain) > 20
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)

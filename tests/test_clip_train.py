@@ -160,6 +160,8 @@ def test_clip_recipe_trains_evaluates_checkpoints_and_resumes(tmp_path, caption_
     assert final["mean_recall"] > 0.6 and final["image_retrieval_recall@1"] > 0.4   # chance: 0.33 and 0.06
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000003", "step_0000006"]
     assert (out / "loss.png").exists()
+    written = json.loads((out / "eval.json").read_text())
+    assert written["epoch"] == 6 and written["text_retrieval_recall@5"] == final["text_retrieval_recall@5"]
 
     resumed = run(out, caption_shards, "epochs=7", "eval_every=7", "resume=auto", "data.zeroshot=null")
     assert [int(r["epoch"]) for r in read_rows(out) if r["val_loss"]] == [3, 6, 7]
