@@ -268,15 +268,15 @@ def _flattened_image(path: Path, max_side: int) -> bytes | str:
     return webp.getvalue()
 
 
-def caption_pair_samples(pairs: list[tuple[Path, str]], max_side: int = 256, skipped: dict | None = None,
-                         workers: int | None = None) -> Iterator[dict]:
-    """Samples (`webp`, `txt`) of (image path, caption) pairs, images flattened and scaled by `workers` processes;
+def caption_pair_samples(pairs: list[tuple[Path, str]], max_side: int = 256,
+                         skipped: dict | None = None) -> Iterator[dict]:
+    """Samples (`webp`, `txt`) of (image path, caption) pairs, images flattened and scaled by one process per CPU;
     an image that does not open, or is too large, is skipped with a warning and counted in
     `skipped["unreadable image"]`."""
     import multiprocessing
     from functools import partial
 
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    with multiprocessing.get_context("spawn").Pool() as pool:
         images = pool.imap(partial(_flattened_image, max_side=max_side), [path for path, _ in pairs], chunksize=8)
         index = 0
         for (path, caption), image in zip(pairs, images):
@@ -297,12 +297,13 @@ def write_openclipart_shards(out_dir: Path, root: Path = OPENCLIPART_DIR, val_pe
     splits' info (with what was skipped and why)."""
     pairs, skipped = openclipart_pairs(root, max_title_repeats)
     held_out = [zlib.crc32(str(path.relative_to(root)).encode()) % 10_000 < val_percent * 100 for path, _ in pairs]
-    info = {"kind": "captions", "source": f"openclipart:{root}", "max_side": max_side, "skipped": skipped}
     result = {}
     for split, keep in (("train", False), ("val", True)):
         chosen = [pair for pair, h in zip(pairs, held_out) if h == keep]
         random.Random(0).shuffle(chosen)
-        samples = caption_pair_samples(chosen, max_side, skipped)   # counts unreadable images into info
+        info = {"kind": "captions", "source": f"openclipart:{root}", "max_side": max_side,
+                "skipped": dict(skipped)}   # the whole source's, plus this split's unreadable images when written
+        samples = caption_pair_samples(chosen, max_side, info["skipped"])
         result[split] = write_shards(tqdm(samples, desc=f"writing {split}", total=len(chosen), unit="image",
                                           mininterval=1), out_dir / split, info, shard_samples)
     return result
@@ -409,8 +410,8 @@ class ShardStream:
     def _shard_cycles(self) -> Iterator[dict]:
         """Every shard once per cycle, in an order drawn afresh each cycle (seeded per rank and worker), forever.
         Unlike drawing shards with replacement (webdataset's ResampledShards), a worker never reads a shard twice
-        within a cycle, so a small dataset's batches do not repeat samples (a repeated pair is a false negative
-        for a contrastive loss)."""
+        within a cycle, so a small dataset's batches repeat a sample only where a cycle's last shards meet the next
+        cycle's first in the shuffle buffer (a repeated pair is a false negative for a contrastive loss)."""
         rng = random.Random(2 * self._worker_seed() + 2**40)
         while True:
             for url in rng.sample(self.urls, len(self.urls)):
