@@ -62,6 +62,24 @@ def _cmd_eval_retrieval(args) -> None:
         args.model, args.checkpoint, args.data, args.batch_size, args.device, args.json))
 
 
+def _cmd_eval_mqar(args) -> None:
+    from .mqar import MQARTask, mqar
+
+    _require_model("mqar", args)
+
+    def evaluate():
+        model_args = {}
+        for item in args.model_arg:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--model-arg {item!r}: give key=value, e.g. n_layer=2")
+            model_args[key] = int(value) if value.lstrip("-").isdigit() else value
+        mqar(args.model, args.checkpoint, MQARTask(args.seq_len, args.pairs, args.vocab), args.steps,
+             args.batch_size, args.lr, args.seed, args.device, model_args, args.json)
+
+    _run_eval("mqar", evaluate)
+
+
 def _add_image_text_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="a registered image-text model (random weights without --checkpoint)")
@@ -115,6 +133,28 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--data", required=True, help="a caption shard directory")
     _add_run_args(r, batch_size=64)
     r.set_defaults(func=_cmd_eval_retrieval)
+    add_mqar_command(suites)
+
+
+def add_mqar_command(suites) -> None:
+    q = suites.add_parser("mqar", help="multi-query associative recall: train a language model on it, report accuracy",
+                          description="Multi-query associative recall (Zoology's MQAR): a registered language model is "
+                                      "built for the task's vocabulary and length and trained from scratch on "
+                                      "seeded, freshly generated sequences (or a checkpoint is evaluated); reports "
+                                      "the accuracy on the queried values of held-out sequences.")
+    q.add_argument("--model", default=None, help="a registered language model (built with vocab_size=--vocab, "
+                                                 "ctx_len=--seq-len)")
+    q.add_argument("--checkpoint", default=None, help="a native checkpoint to evaluate (trained further with --steps)")
+    q.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override, repeatable: --model-arg n_layer=2 --model-arg n_embd=128")
+    q.add_argument("--seq-len", type=int, default=256)
+    q.add_argument("--pairs", type=int, default=16, help="key-value pairs per sequence (and as many queries)")
+    q.add_argument("--vocab", type=int, default=8192)
+    q.add_argument("--steps", type=int, default=2000)
+    q.add_argument("--lr", type=float, default=1e-3)
+    q.add_argument("--seed", type=int, default=0)
+    _add_run_args(q, batch_size=64)
+    q.set_defaults(func=_cmd_eval_mqar)
 
 
 def _cmd_bench_kernels(args) -> None:
