@@ -134,7 +134,8 @@ def mqar(model_name: str | None, checkpoint: str | None, task: MQARTask, steps: 
         except TypeError as e:    # an unknown config field, named with its closest match
             raise ValueError(str(e)) from None
     if model.config.vocab_size < task.vocab:
-        raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the task's ({task.vocab})")
+        raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the task's "
+                         f"({task.vocab})")
     result = train_mqar(model, task, steps, batch_size, lr, seed=seed, device=init_ranks(device, "ddp").device)
     params = sum(p.numel() for p in model.parameters())
     return report({"model": model_name or checkpoint, "params": params, **result}, out_json)

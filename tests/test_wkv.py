@@ -46,9 +46,9 @@ def test_chunked_matches_reference_fp32(B, T, C):
     ref, ref_state = wkv4_reference(w, u, k, v)
     y, state = wkv4(w, u, k, v)
     assert y.dtype == torch.float32
-    assert rel_err(y, ref) < 2e-5
-    for s, r in zip(state, ref_state):
-        assert rel_err(s, r) < 2e-5
+    assert rel_err(y, ref) < 3e-6        # worst over 750 draws: 6e-7 (5e-6 .. 3e-5 before the state's exponent
+    for s, r in zip(state, ref_state):   # stopped accumulating rounding chunk after chunk)
+        assert rel_err(s, r) < 3e-6
 
 
 @pytest.mark.parametrize("chunk_len", [1, 2, 5, 16, 64])
