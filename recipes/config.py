@@ -124,14 +124,15 @@ def load_recipe(recipe: str | None, overrides: list[str] = ()):
         family = get_entry(cfg.model).family
         if family != TASK_FAMILIES[task]:
             raise RecipeError(f"{cfg.model} is a {family} model; task {task} trains {TASK_FAMILIES[task]} models "
-                              f"({', '.join(list_models_of(TASK_FAMILIES[task]))})")
+                              f"({', '.join(_models_of(TASK_FAMILIES[task]))})")
         build_config(cfg.model, **cfg.model_args)
         return cfg
     except (OmegaConfBaseException, yaml.YAMLError, FileNotFoundError, UnknownModelError, TypeError) as e:
         raise RecipeError(f"invalid recipe {recipe or '(defaults)'}: {e}") from None
 
 
-def list_models_of(family: str) -> list[str]:
+def _models_of(family: str) -> list[str]:
+    """Registered model names of a family, for error messages."""
     return [name for name in list_models() if get_entry(name).family == family]
 
 
