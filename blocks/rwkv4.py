@@ -92,16 +92,20 @@ class RWKV4TimeMix(nn.Module):
             nn.init.zeros_(lin.weight)
         orthogonal_init_(self.value.weight)
 
-    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x: [B, T, C]; state: [4, B, C] (x_prev, aa, bb, pp) or None. Returns (out, new state)."""
+    def gated_wkv(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(sigmoid(r), wkv, new state [4, B, C]): the time-mix before its output projection."""
         x_prev = token_shift(x, None if state is None else state[0])
         k = self.key(mix(x, x_prev, self.time_mix_k))
         v = self.value(mix(x, x_prev, self.time_mix_v))
         r = torch.sigmoid(self.receptance(mix(x, x_prev, self.time_mix_r)))
         w = -torch.exp(self.time_decay.float())
         wkv, (aa, bb, pp) = wkv4(w, self.time_first, k, v, None if state is None else tuple(state[1:4]))
-        out = self.output(r * wkv)
-        return out, torch.stack([x[:, -1].to(aa.dtype), aa, bb, pp])
+        return r, wkv, torch.stack([x[:, -1].to(aa.dtype), aa, bb, pp])
+
+    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x: [B, T, C]; state: [4, B, C] (x_prev, aa, bb, pp) or None. Returns (out, new state)."""
+        r, wkv, new_state = self.gated_wkv(x, state)
+        return self.output(r * wkv), new_state
 
 
 class RWKV4ChannelMix(nn.Module):
@@ -121,10 +125,13 @@ class RWKV4ChannelMix(nn.Module):
         nn.init.zeros_(self.receptance.weight)
         nn.init.zeros_(self.value.weight)
 
-    def forward(self, x: Tensor, x_prev: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x: [B, T, C]; x_prev: [B, C] or None. Returns (out, last token of x)."""
+    def forward(self, x: Tensor, x_prev: Tensor | None = None,
+                key_offset: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x: [B, T, C]; x_prev: [B, C] or None; key_offset: added to the key's mixed input (RRWKV's medium).
+        Returns (out, last token of x)."""
         xx = token_shift(x, x_prev)
-        k = torch.square(torch.relu(self.key(mix(x, xx, self.time_mix_k))))
+        key_input = mix(x, xx, self.time_mix_k)
+        k = torch.square(torch.relu(self.key(key_input if key_offset is None else key_input + key_offset)))
         r = torch.sigmoid(self.receptance(mix(x, xx, self.time_mix_r)))
         return r * self.value(k), x[:, -1]
 

@@ -54,17 +54,21 @@ class RWKV4LM(nn.Module):
 
     arch = "rwkv4"
     config_class = RWKV4Config
+    state_rows = STATE_ROWS
 
     def __init__(self, config: RWKV4Config):
         super().__init__()
         self.config = config
         C = config.n_embd
         self.emb = nn.Embedding(config.vocab_size, C)
-        self.blocks = nn.ModuleList(RWKV4Block(C, config.ffn_size, i, config.n_layer) for i in range(config.n_layer))
+        self.blocks = nn.ModuleList(self.make_block(i) for i in range(config.n_layer))
         self.ln_out = nn.LayerNorm(C)
         self.head = nn.Linear(C, config.vocab_size, bias=False)
         self.grad_checkpointing = False
         self.reset_parameters()
+
+    def make_block(self, layer_id: int) -> nn.Module:
+        return RWKV4Block(self.config.n_embd, self.config.ffn_size, layer_id, self.config.n_layer)
 
     def reset_parameters(self) -> None:
         """Official v4neo init of the embedding and head; blocks initialise themselves."""
@@ -75,20 +79,20 @@ class RWKV4LM(nn.Module):
         nn.init.orthogonal_(self.head.weight, gain=0.5 * math.sqrt(V / C) if V > C else 0.5)
 
     def init_state(self, batch_size: int, device=None) -> Tensor:
-        """Empty RNN state [n_layer, 5, B, C] (float32; float64 for a float64 model)."""
+        """Empty RNN state [n_layer, state_rows, B, C] (float32; float64 for a float64 model)."""
         device = self.emb.weight.device if device is None else device
         dtype = torch.float64 if self.emb.weight.dtype == torch.float64 else torch.float32
-        one = RWKV4Block.init_state(batch_size, self.config.n_embd, device, dtype)
+        one = self.blocks[0].init_state(batch_size, self.config.n_embd, device, dtype)
         return one.expand(self.config.n_layer, *one.shape).clone()
 
     def check_state(self, state: Tensor, batch_size: int) -> None:
         """Raise a clear error unless `state` fits this model and batch size."""
-        expected = (self.config.n_layer, STATE_ROWS, batch_size, self.config.n_embd)
+        expected = (self.config.n_layer, self.state_rows, batch_size, self.config.n_embd)
         if not isinstance(state, Tensor):
             raise TypeError(f"state must be a tensor from init_state() or return_state=True, got {type(state).__name__}")
         if tuple(state.shape) != expected:
             raise ValueError(f"state has shape {tuple(state.shape)} but this model and batch need {expected} "
-                             "(n_layer, 5, batch, n_embd): is it from another model or batch size?")
+                             f"(n_layer, {self.state_rows}, batch, n_embd): is it from another model or batch size?")
         if not state.is_floating_point():
             raise TypeError(f"state must be floating point, got {state.dtype}")
         if state.device != self.emb.weight.device:
