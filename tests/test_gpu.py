@@ -28,9 +28,11 @@ def test_wkv_on_cuda_matches_fp64_reference(B, T, C):
     assert rel_err(y, ref) < 1e-4
 
 
-def test_model_on_cuda_matches_cpu_fp64():
+@pytest.mark.parametrize("name,extra", [("rwkv4-tiny", {}), ("rrwkv-tiny", {"dim_ffn": 192, "segment_len": 7})])
+def test_model_on_cuda_matches_cpu_fp64(name, extra):
+    """RWKV-4, and RRWKV with its medium WKV (u = -w over T / 7 mediums) on the same CUDA kernels."""
     torch.manual_seed(0)
-    model = zoo.create_model("rwkv4-tiny", n_layer=2, n_embd=64).double().eval()
+    model = zoo.create_model(name, n_layer=2, n_embd=64, **extra).double().eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2)
@@ -47,8 +49,9 @@ def test_model_on_cuda_matches_cpu_fp64():
     assert rel_err(torch.stack(rnn, 1), ref[:, :20]) < 1e-5
 
 
-def test_bf16_autocast_training_step():
-    model = zoo.create_model("rwkv4-tiny").cuda()
+@pytest.mark.parametrize("name", ["rwkv4-tiny", "rrwkv-tiny"])
+def test_bf16_autocast_training_step(name):
+    model = zoo.create_model(name).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     idx = torch.randint(0, 256, (4, 129), device="cuda")
     losses = []
