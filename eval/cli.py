@@ -68,12 +68,12 @@ def _cmd_eval_mqar(args) -> None:
     _require_model("mqar", args)
 
     def evaluate():
-        model_args = {}
+        from omegaconf import OmegaConf
+
         for item in args.model_arg:
-            key, sep, value = item.partition("=")
-            if not sep:
+            if "=" not in item:
                 raise ValueError(f"--model-arg {item!r}: give key=value, e.g. n_layer=2")
-            model_args[key] = int(value) if value.lstrip("-").isdigit() else value
+        model_args = OmegaConf.to_container(OmegaConf.from_dotlist(args.model_arg))   # typed as zoo train's overrides
         mqar(args.model, args.checkpoint, MQARTask(args.seq_len, args.pairs, args.vocab), args.steps,
              args.batch_size, args.lr, args.seed, args.device, model_args, args.json)
 
@@ -133,10 +133,10 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--data", required=True, help="a caption shard directory")
     _add_run_args(r, batch_size=64)
     r.set_defaults(func=_cmd_eval_retrieval)
-    add_mqar_command(suites)
+    _add_mqar_suite(suites)
 
 
-def add_mqar_command(suites) -> None:
+def _add_mqar_suite(suites) -> None:
     q = suites.add_parser("mqar", help="multi-query associative recall: train a language model on it, report accuracy",
                           description="Multi-query associative recall (Zoology's MQAR): a registered language model is "
                                       "built for the task's vocabulary and length and trained from scratch on "

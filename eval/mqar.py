@@ -120,6 +120,7 @@ def mqar(model_name: str | None, checkpoint: str | None, task: MQARTask, steps: 
     the result."""
     import zoo
     from recipes.distributed import init_ranks
+    from zoo.registry import get_entry
 
     from .common import report
 
@@ -127,7 +128,7 @@ def mqar(model_name: str | None, checkpoint: str | None, task: MQARTask, steps: 
     if checkpoint:
         model = zoo.load_checkpoint(checkpoint)
     else:
-        if zoo.model_info(model_name)["family"] != "language":
+        if get_entry(model_name).family != "language":
             raise ValueError(f"{model_name} is not a language model")
         try:
             model = zoo.create_model(model_name, **{"vocab_size": task.vocab, "ctx_len": task.seq_len, **model_args})
