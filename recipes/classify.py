@@ -11,7 +11,6 @@ global batch of `optim.lr_base_size` and scaled linearly to the run's (the paper
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,13 +260,9 @@ def _train(cfg: ClassifyConfig, ranks) -> dict:
 
     import zoo  # noqa: F401  (registers the vrwkv models in timm)
     from .engine import (RunLogger, _amp_dtype, _resume, _save, _unwrapped, announce, prepare_model, prepare_out_dir,
-                         save_final_model)
+                         save_final_model, seed_image_processes)
 
-    torch.manual_seed(cfg.seed)                # the same initial model on every rank (FSDP shards it as it is)
-    random.seed(cfg.seed + ranks.rank)         # augmentations differ by rank (timm's crops draw from Python's random)
-    np.random.seed(cfg.seed + ranks.rank)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    seed_image_processes(cfg, ranks)
     device, amp_dtype = ranks.device, _amp_dtype(cfg, ranks.device)
     out_dir = prepare_out_dir(cfg, ranks)
     model = timm.create_model(cfg.model, **{**cfg.model_args, "img_size": cfg.img_size})

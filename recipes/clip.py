@@ -239,14 +239,10 @@ def _train(cfg: ClipConfig, ranks) -> dict:
 
     from .classify import ClassifyConfig, ImageDataConfig, image_data
     from .engine import (RunLogger, _amp_dtype, _resume, _save, _unwrapped, announce, prepare_model, prepare_out_dir,
-                         save_final_model)
+                         save_final_model, seed_image_processes)
     from .shards import EpochStreams, ShardStream, shard_info
 
-    torch.manual_seed(cfg.seed)                # the same initial model on every rank
-    random.seed(cfg.seed + ranks.rank)         # augmentations differ by rank
-    np.random.seed(cfg.seed + ranks.rank)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    seed_image_processes(cfg, ranks)
     device, amp_dtype = ranks.device, _amp_dtype(cfg, ranks.device)
     out_dir = prepare_out_dir(cfg, ranks)
     model = zoo.create_model(cfg.model, **cfg.model_args)

@@ -256,6 +256,21 @@ def _save(path: Path, model: nn.Module, optimizer, scheduler, step: int, cfg: Tr
             shutil.rmtree(old)
 
 
+def seed_image_processes(cfg, ranks: Ranks) -> None:
+    """Seeds for the image engines: torch's the same on every rank (the same initial model; FSDP shards it as it is),
+    Python's and numpy's per rank (augmentations differ by rank: timm's crops draw from Python's random); and the
+    recipe's CPU thread count."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed + ranks.rank)
+    np.random.seed(cfg.seed + ranks.rank)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+
 def prepare_out_dir(cfg, ranks: Ranks) -> Path:
     """The run directory (rank 0 creates it and removes the temporaries of interrupted checkpoint writes)."""
     out_dir = Path(cfg.out_dir)
