@@ -62,20 +62,24 @@ def _cmd_eval_retrieval(args) -> None:
         args.model, args.checkpoint, args.data, args.batch_size, args.device, args.json))
 
 
+def _model_args(items: list[str]) -> dict:
+    """--model-arg key=value items, typed by OmegaConf's dotlist as zoo train's overrides are."""
+    from omegaconf import OmegaConf
+
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--model-arg {item!r}: give key=value, e.g. n_layer=2")
+    return OmegaConf.to_container(OmegaConf.from_dotlist(items))
+
+
 def _cmd_eval_mqar(args) -> None:
     from .mqar import MQARTask, mqar
 
     _require_model("mqar", args)
 
     def evaluate():
-        from omegaconf import OmegaConf
-
-        for item in args.model_arg:
-            if "=" not in item:
-                raise ValueError(f"--model-arg {item!r}: give key=value, e.g. n_layer=2")
-        model_args = OmegaConf.to_container(OmegaConf.from_dotlist(args.model_arg))   # typed as zoo train's overrides
         mqar(args.model, args.checkpoint, MQARTask(args.seq_len, args.pairs, args.vocab), args.steps,
-             args.batch_size, args.lr, args.seed, args.device, model_args, args.json)
+             args.batch_size, args.lr, args.seed, args.device, _model_args(args.model_arg), args.json)
 
     _run_eval("mqar", evaluate)
 
@@ -175,6 +179,19 @@ def _cmd_bench_vision(args) -> None:
         sys.exit(f"zoo bench vision: {e}")
 
 
+def _cmd_bench_mqar(args) -> None:
+    from recipes.distributed import init_ranks
+
+    from .bench_mqar import bench_mqar, parse_tasks
+
+    try:
+        bench_mqar(args.models, parse_tasks(args.tasks, args.vocab), args.seeds, args.steps, args.batch_size, args.lrs,
+                   _model_args(args.model_arg), init_ranks(args.device, "ddp").device, args.json, args.plot,
+                   args.eval_every)
+    except ValueError as e:    # unknown model (with close names), bad task or device: the message, not a traceback
+        sys.exit(f"zoo bench mqar: {e}")
+
+
 def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
     kinds = p.add_subparsers(dest="bench", required=True, metavar="KIND")
@@ -192,3 +209,23 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--json", default="bench_vision.json", help="where to write the rows")
     v.add_argument("--plot", default="bench_vision.png", help="where to write the plot")
     v.set_defaults(func=_cmd_bench_vision)
+    q = kinds.add_parser("mqar", help="MQAR recall and throughput of language models at equal size and steps",
+                         description="Train every model x task x seed from scratch on multi-query associative recall "
+                                     "(same batches, optimizer and steps), score held-out sequences, time a training "
+                                     "step and an inference forward; print a table (ratios to the first model), "
+                                     "write JSON and a PNG plot.")
+    q.add_argument("--models", nargs="+", default=["rwkv4-tiny", "rrwkv-tiny", "gpt-tiny"])
+    q.add_argument("--tasks", default="256:32,1024:64", help="SEQ_LEN:PAIRS, comma-separated")
+    q.add_argument("--vocab", type=int, default=8192)
+    q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    q.add_argument("--steps", type=int, default=3000)
+    q.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3],
+                   help="learning rates tried for every model; each model's best (mean over seeds) is reported")
+    q.add_argument("--eval-every", type=int, default=500, help="held-out accuracy every N steps (learning curves)")
+    q.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every model, repeatable")
+    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--device", default="auto")
+    q.add_argument("--json", default="bench_mqar.json", help="where to write the runs and the summary")
+    q.add_argument("--plot", default="bench_mqar.png", help="where to write the plot")
+    q.set_defaults(func=_cmd_bench_mqar)

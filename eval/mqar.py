@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-__all__ = ["MQARTask", "mqar_batch", "query_accuracy", "train_mqar", "mqar"]
+__all__ = ["MQARTask", "mqar_batch", "query_accuracy", "train_step", "train_mqar", "build_model", "mqar"]
 
 IGNORE = -100   # cross_entropy's ignore_index: positions that are not queries
 
@@ -78,11 +78,26 @@ def query_accuracy(model: nn.Module, task: MQARTask, batches: int, batch_size: i
     return correct / total
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tensor, targets: Tensor,
+               amp_dtype: torch.dtype | None) -> Tensor:
+    """One optimizer step on the queries' cross-entropy (autocast to amp_dtype, gradient norm clipped to 1)."""
+    with torch.autocast(inputs.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(inputs)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def train_mqar(model: nn.Module, task: MQARTask, steps: int, batch_size: int = 64, lr: float = 1e-3,
                weight_decay: float = 0.1, eval_batches: int = 16, seed: int = 0,
-               device: torch.device | str = "cpu") -> dict:
+               device: torch.device | str = "cpu", eval_every: int = 0) -> dict:
     """Train on fresh batches (AdamW, linear warm-up over the first 10% of steps, then cosine to 0; cross-entropy on
-    the queries only), then measure query accuracy on sequences the training never drew (another seed stream)."""
+    the queries only), then measure query accuracy on sequences the training never drew (another seed stream).
+    With eval_every > 0, the accuracy on the same held-out sequences is also taken every eval_every steps (the
+    learning curve, `curve`)."""
     device = torch.device(device)
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     model.to(device).train()
@@ -91,26 +106,44 @@ def train_mqar(model: nn.Module, task: MQARTask, steps: int, batch_size: int = 6
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
     train_stream = torch.Generator().manual_seed(seed)
-    losses, start = [], time.perf_counter()
-    bar = tqdm(range(steps), desc=f"MQAR T={task.seq_len} pairs={task.pairs}", unit="step", mininterval=1)
-    for _ in bar:
+    def held_out_accuracy() -> float:
+        held_out = torch.Generator().manual_seed(seed + 1_000_003)
+        return query_accuracy(model, task, eval_batches, batch_size, held_out, device, amp_dtype)
+
+    loss, curve, evaluating = None, [], 0.0
+    start = time.perf_counter()
+    bar = tqdm(range(1, steps + 1), desc=f"MQAR T={task.seq_len} pairs={task.pairs}", unit="step", mininterval=1)
+    for step in bar:
         inputs, targets = (t.to(device) for t in mqar_batch(task, batch_size, train_stream))
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(inputs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(model, optimizer, inputs, targets, amp_dtype)
         schedule.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-    seconds = time.perf_counter() - start
-    held_out = torch.Generator().manual_seed(seed + 1_000_003)
-    accuracy = query_accuracy(model, task, eval_batches, batch_size, held_out, device, amp_dtype)
-    return {"accuracy": accuracy, "final_loss": losses[-1] if losses else None, "steps": steps,
+        if step % 50 == 1:    # reading the loss waits for the GPU: not every step
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if eval_every and step % eval_every == 0 and step < steps:
+            tick = time.perf_counter()
+            curve.append({"step": step, "accuracy": held_out_accuracy()})
+            evaluating += time.perf_counter() - tick
+    final_loss = loss.item() if loss is not None else None
+    seconds = time.perf_counter() - start - evaluating
+    accuracy = held_out_accuracy()
+    if eval_every:
+        curve.append({"step": steps, "accuracy": accuracy})
+    return {"accuracy": accuracy, "final_loss": final_loss, "steps": steps, "curve": curve,
             "train_tokens_per_s": steps * batch_size * task.seq_len / seconds if steps else None,
             "seq_len": task.seq_len, "pairs": task.pairs, "vocab": task.vocab, "seed": seed}
+
+
+def build_model(model_name: str, task: MQARTask, model_args: dict) -> nn.Module:
+    """A registered language model built for the task's vocabulary and length, with config overrides."""
+    import zoo
+    from zoo.registry import get_entry
+
+    if get_entry(model_name).family != "language":
+        raise ValueError(f"{model_name} is not a language model")
+    try:
+        return zoo.create_model(model_name, **{"vocab_size": task.vocab, "ctx_len": task.seq_len, **model_args})
+    except TypeError as e:    # an unknown config field, named with its closest match
+        raise ValueError(str(e)) from None
 
 
 def mqar(model_name: str | None, checkpoint: str | None, task: MQARTask, steps: int, batch_size: int, lr: float,
@@ -120,20 +153,11 @@ def mqar(model_name: str | None, checkpoint: str | None, task: MQARTask, steps: 
     the result."""
     import zoo
     from recipes.distributed import init_ranks
-    from zoo.registry import get_entry
 
     from .common import report
 
     torch.manual_seed(seed)
-    if checkpoint:
-        model = zoo.load_checkpoint(checkpoint)
-    else:
-        if get_entry(model_name).family != "language":
-            raise ValueError(f"{model_name} is not a language model")
-        try:
-            model = zoo.create_model(model_name, **{"vocab_size": task.vocab, "ctx_len": task.seq_len, **model_args})
-        except TypeError as e:    # an unknown config field, named with its closest match
-            raise ValueError(str(e)) from None
+    model = zoo.load_checkpoint(checkpoint) if checkpoint else build_model(model_name, task, model_args)
     if model.config.vocab_size < task.vocab:
         raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the task's "
                          f"({task.vocab})")

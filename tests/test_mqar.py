@@ -74,3 +74,34 @@ def test_attention_learns_the_task_and_the_command_reports_it(tmp_path):
                   "--vocab", "16", "--steps", "1"])
     with pytest.raises(SystemExit, match="vrwkv_tiny is not a language model"):
         zoo_main(["eval", "mqar", "--model", "vrwkv_tiny", "--seq-len", "16", "--pairs", "2", "--vocab", "16"])
+
+
+def test_bench_trains_every_model_task_lr_and_seed_and_writes_table_json_and_plot(tmp_path, capsys):
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    zoo_main(["bench", "mqar", "--models", "rwkv4-tiny", "rrwkv-tiny", "gpt-tiny", "--tasks", "16:2,24:3",
+              "--vocab", "16", "--seeds", "0", "1", "--steps", "2", "--eval-every", "1", "--lrs", "1e-3", "1e-2",
+              "--batch-size", "4", "--model-arg", "n_layer=1", "--model-arg", "n_embd=16", "--device", "cpu",
+              "--json", str(out), "--plot", str(plot)])
+    report = json.loads(out.read_text())
+    assert len(report["runs"]) == 3 * 2 * 2 * 2 and report["steps"] == 2
+    assert all([c["step"] for c in r["curve"]] == [1, 2] and r["curve"][-1]["accuracy"] == r["accuracy"]
+               for r in report["runs"])
+    assert {(r["model"], r["seq_len"], r["lr"], r["seed"]) for r in report["runs"]} == {
+        (m, t, lr, s) for m in ("rwkv4-tiny", "rrwkv-tiny", "gpt-tiny") for t in (16, 24) for lr in (1e-3, 1e-2)
+        for s in (0, 1)}
+    summary = report["summary"]
+    assert len(summary) == 6 and all(len(e["accuracies"]) == 2 for e in summary)
+    for e in summary:    # the reported accuracy is the best learning rate's mean over the seeds
+        runs = [r for r in report["runs"] if r["model"] == e["model"] and r["seq_len"] == e["seq_len"]]
+        means = {lr: sum(r["accuracy"] for r in runs if r["lr"] == lr) / 2 for lr in (1e-3, 1e-2)}
+        assert e["mean_accuracy"] == pytest.approx(max(means.values())) and means[e["best_lr"]] == max(means.values())
+    first = [e for e in summary if e["model"] == "rwkv4-tiny"]
+    assert all(e["train_step_vs_rwkv4-tiny"] == e["inference_vs_rwkv4-tiny"] == 1.0 for e in first)
+    assert all(e["train_step_tokens_per_s"] > 0 and e["inference_tokens_per_s"] > 0 for e in summary)
+    params = {e["model"]: e["params"] for e in summary if e["seq_len"] == 16}
+    assert abs(params["rrwkv-tiny"] / params["rwkv4-tiny"] - 1) < 0.05     # equal size after the width override
+    assert plot.stat().st_size > 10_000 and "x rwkv4-tiny" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="task '256': give SEQ_LEN:PAIRS"):
+        zoo_main(["bench", "mqar", "--tasks", "256", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="unknown model 'rwkv-tiny'; closest"):
+        zoo_main(["bench", "mqar", "--models", "rwkv-tiny", "--tasks", "16:2", "--vocab", "16", "--device", "cpu"])

@@ -93,9 +93,11 @@ def test_segment_means_continue_a_segment_in_progress():
 def test_language_model_modes_agree_and_sizes_match_rwkv4(tmp_path):
     import zoo
 
-    for size in ("169m", "430m"):
+    for size in ("169m", "430m", "tiny"):
         ours, theirs = zoo.model_info(f"rrwkv-{size}")["params"], zoo.model_info(f"rwkv4-{size}")["params"]
         assert abs(ours / theirs - 1) < 0.01
+    count = lambda name: sum(p.numel() for p in zoo.create_model(name, n_embd=48, device="meta").parameters())
+    assert abs(count("rrwkv-tiny") / count("rwkv4-tiny") - 1) < 0.01     # the 3C default follows a width override
     torch.manual_seed(0)
     model = zoo.create_model("rrwkv-tiny", n_layer=2, n_embd=32, dim_ffn=96, segment_len=3).eval()
     with torch.no_grad():

@@ -4,6 +4,7 @@ zoo's interpretation of the withdrawn RRWKV paper, arXiv 2306.05176, in docs/rrw
 The same three modes as RWKV-4 (parallel, parallel from a state, RNN) give the same logits; the state is
 [n_layer, 13, B, C] whatever the sequence length. The registered sizes keep RWKV-4's parameter count: the two
 C x C medium projections per layer are paid for with a channel-mix hidden size of 3C instead of 4C.
+An experiment, not a recommendation: on MQAR it recalled no better than RWKV-4 of the same size (docs/rrwkv.md).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ class RRWKVConfig(RWKV4Config):
         if self.segment_len < 1:
             raise ValueError(f"RRWKVConfig.segment_len must be >= 1, got {self.segment_len}")
 
+    @property
+    def ffn_size(self) -> int:
+        return self.dim_ffn or 3 * self.n_embd    # dim_ffn 0: 3C, paying for the two C x C medium projections
+
 
 class RRWKVLM(RWKV4LM):
     """RWKV4LM with RRWKV blocks."""
@@ -51,5 +56,5 @@ def _register(name: str, **cfg) -> None:
 
 for _size in ("169m", "430m"):
     _layers, _width = PAPER_SIZES[_size]
-    _register(f"rrwkv-{_size}", n_layer=_layers, n_embd=_width, dim_ffn=3 * _width)
-_register("rrwkv-tiny", vocab_size=256, n_layer=4, n_embd=128, dim_ffn=384, ctx_len=256, tokenizer="byte")
+    _register(f"rrwkv-{_size}", n_layer=_layers, n_embd=_width)
+_register("rrwkv-tiny", vocab_size=256, n_layer=4, n_embd=128, ctx_len=256, tokenizer="byte")

@@ -35,7 +35,7 @@ class RWKV4Config:
     vocab_size: int = 50277
     n_layer: int = 12
     n_embd: int = 768
-    dim_ffn: int = 0          # 0: 4 * n_embd
+    dim_ffn: int = 0          # 0: the default hidden size, ffn_size
     ctx_len: int = 1024       # training context; the model itself has no length limit
     tokenizer: str = "neox"
 
