@@ -3,22 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
 
 
 def _cmd_eval_lm(args) -> None:
-    from recipes.data import DataError
-    from zoo import CheckpointError, UnknownModelError
+    from .lm import evaluate_language_model
 
-    from .lm import evaluate_bpb
+    def evaluate():
+        m = evaluate_language_model(args.model, args.data, args.tokenizer, args.batches, args.batch_size,
+                                    args.ctx_len, args.device, args.last_word, args.seed)
+        print(f"{args.model} on {args.data} (val split, {m['tokens']:,.0f} tokens): loss {m['loss']:.4f} nats/token, "
+              f"{m['bpb']:.4f} bits/byte, perplexity {m['perplexity']:.2f} per token")
+        last_word = m["last_word"]
+        if last_word and last_word["items"]:
+            print(f"last word: accuracy {last_word['accuracy']:.2%} (± {last_word['accuracy_stderr']:.2%}) on "
+                  f"{last_word['items']} held-out passages, mean log-likelihood {last_word['mean_logprob']:.3f} nats")
+        elif last_word:
+            print("last word: no passage of the held-out text fits the rule (see eval/lm.py)")
+        elif args.last_word:
+            print(f"last word: skipped, {args.data} holds token ids, not text")
+        if args.json:
+            Path(args.json).write_text(json.dumps(m, indent=2) + "\n")
 
+    _run_eval("lm", evaluate)
+
+
+def _cmd_eval_lm_harness(args) -> None:
+    _require_model("lm-harness", args)
+    for variable in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):   # read when `datasets` is imported, just below
+        os.environ.setdefault(variable, "1")
     try:
-        m = evaluate_bpb(args.model, args.data, args.tokenizer, args.batches, args.batch_size, args.ctx_len,
-                         args.device)
-    except (DataError, CheckpointError, UnknownModelError, FileNotFoundError) as e:
-        sys.exit(f"zoo eval lm: {e}")
-    print(f"{args.model} on {args.data} (val split, {m['tokens']:,.0f} tokens): "
-          f"loss {m['loss']:.4f} nats/token, {m['bpb']:.4f} bits/byte")
+        from .harness import lm_harness
+    except ImportError as e:
+        sys.exit(f"zoo eval lm-harness: needs lm-eval ({e}): pip install 'rwkv-zoo[lm-eval]'")
+    _run_eval("lm-harness", lambda: lm_harness(
+        args.model, args.checkpoint, args.tasks, args.include_path, args.num_fewshot, args.limit, args.batch_size,
+        args.max_length, args.precision, args.device, args.json))
 
 
 def _run_eval(suite: str, evaluate) -> None:
@@ -99,8 +122,10 @@ def _add_run_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
 def add_eval_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="run an evaluation suite", description="Evaluate models.")
     suites = p.add_subparsers(dest="suite", required=True, metavar="SUITE")
-    lm = suites.add_parser("lm", help="loss and bits per byte on held-out text",
-                           description="Loss and bits per byte on the validation split of a text source.")
+    lm = suites.add_parser("lm", help="loss, bits per byte, perplexity and last-word accuracy on held-out text",
+                           description="Loss, bits per byte and perplexity on the validation split of a text source, "
+                                       "and a LAMBADA-style last-word task built from that split's text (the rule is "
+                                       "in eval/lm.py); e.g. --data DIR of `zoo data austen`.")
     lm.add_argument("model", metavar="MODEL_OR_CHECKPOINT")
     lm.add_argument("--data", default="stdlib", help="'stdlib', a `zoo data text` directory or a text folder")
     lm.add_argument("--tokenizer", default=None, help="default: the model's")
@@ -108,6 +133,9 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     lm.add_argument("--batch-size", type=int, default=16)
     lm.add_argument("--ctx-len", type=int, default=256)
     lm.add_argument("--device", default="cpu")
+    lm.add_argument("--last-word", type=int, default=200, metavar="N", help="last-word passages at most (0: none)")
+    lm.add_argument("--seed", type=int, default=1234, help="draws the windows and the passages")
+    lm.add_argument("--json", default=None, help="also write the results here")
     lm.set_defaults(func=_cmd_eval_lm)
     c = suites.add_parser("classify", help="top-1 / top-5 of an image classifier (like timm's validate.py)",
                           description="Top-1 and top-5 accuracy of a classifier on the evaluation split of "
@@ -138,6 +166,33 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     _add_run_args(r, batch_size=64)
     r.set_defaults(func=_cmd_eval_retrieval)
     _add_mqar_suite(suites)
+    _add_lm_harness_suite(suites)
+
+
+def _add_lm_harness_suite(suites) -> None:
+    h = suites.add_parser("lm-harness", help="EleutherAI's lm-evaluation-harness tasks on a language model",
+                          description="Run lm-evaluation-harness (pip install 'rwkv-zoo[lm-eval]') on a language "
+                                      "model, registered with it as 'rwkv-zoo': tasks from local YAML files (local "
+                                      "JSONL data through dataset_path: json and dataset_kwargs: {data_files: ...}; "
+                                      "an example is in eval/harness.py), or lm-eval's own tasks by name. The "
+                                      "command is offline (HF_DATASETS_OFFLINE=1, HF_HUB_OFFLINE=1) unless those "
+                                      "are set: lm-eval's own tasks download their data. RWKV models read a context "
+                                      "shared by several continuations once and continue from its state, and carry "
+                                      "the state through whole documents (no windows). Prints lm-eval's table and "
+                                      "writes its results JSON.")
+    h.add_argument("--model", default=None, help="a registered language model (random weights without --checkpoint)")
+    h.add_argument("--checkpoint", default=None, help="a native checkpoint directory or an official .pth (read into "
+                                                      "--model's config when given)")
+    h.add_argument("--tasks", nargs="+", required=True, metavar="TASK", help="task YAML files or task names")
+    h.add_argument("--include-path", default=None, help="a folder of task YAML files, for tasks given by name")
+    h.add_argument("--num-fewshot", type=int, default=None)
+    h.add_argument("--limit", type=float, default=None, help="documents per task (a fraction when < 1)")
+    h.add_argument("--max-length", type=int, default=None,
+                   help="tokens per forward (for GPT models also the window); default: the model's ctx_len")
+    h.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    _add_run_args(h, batch_size=16)
+    h.set_defaults(func=_cmd_eval_lm_harness)
 
 
 def _add_mqar_suite(suites) -> None:

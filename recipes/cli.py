@@ -111,6 +111,17 @@ def _cmd_data_shards(args) -> None:
     print(json.dumps(info, indent=2))
 
 
+def _cmd_data_austen(args) -> None:
+    from .austen import write_austen
+    from .data import DataError
+
+    try:
+        info = write_austen(Path(args.out))
+    except DataError as e:
+        sys.exit(f"zoo data austen: {e}")
+    print(json.dumps(info, indent=2))
+
+
 def add_data_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="prepare datasets", description="Prepare training data.")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="KIND")
@@ -125,6 +136,13 @@ def add_data_command(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--text-key", default="text", help="JSONL field holding the text")
     t.add_argument("--shard-tokens", type=int, default=100_000_000)
     t.set_defaults(func=_cmd_data_text)
+    a = data_sub.add_parser("austen", help="Jane Austen's six novels (Debian's r-cran-janeaustenr) as chapter files",
+                            description="Write Jane Austen's six novels, read through R from Debian's "
+                                        "r-cran-janeaustenr, as OUT/NOVEL/chapter-NNN.txt plus info.json: a text "
+                                        "folder (split into train and val by file when loaded) for data.source= "
+                                        "and zoo eval lm --data.")
+    a.add_argument("--out", required=True, help="output directory")
+    a.set_defaults(func=_cmd_data_austen)
 
     from . import shards
 

@@ -24,8 +24,8 @@ from zoo.tokenizers import Tokenizer, get_tokenizer
 from .config import DataConfig
 from .distributed import Ranks
 
-__all__ = ["DataError", "TokenData", "stdlib_files", "text_files", "split_files", "tokenize_files", "pack_text",
-           "load_lm_data", "evaluate_lm"]
+__all__ = ["DataError", "TokenData", "stdlib_files", "text_files", "split_files", "split_text_source", "documents",
+           "tokenize_files", "pack_text", "load_lm_data", "evaluate_lm"]
 
 
 class DataError(ValueError):
@@ -65,7 +65,19 @@ def split_files(files: list[Path], root: Path, val_percent: float) -> tuple[list
     return train, val
 
 
-def _documents(path: Path, text_key: str):
+def split_text_source(source: str, val_percent: float) -> dict[str, list[Path]]:
+    """{"train": files, "val": files} of a text source ('stdlib' or a folder of text files), split by file."""
+    if source == "stdlib":
+        root, files = stdlib_files()
+    elif Path(source).is_dir():
+        root, files = Path(source), text_files(Path(source))
+    else:
+        raise DataError(f"data.source={source!r} is neither 'stdlib', a shard directory nor a folder")
+    return dict(zip(("train", "val"), split_files(files, root, val_percent)))
+
+
+def documents(path: Path, text_key: str = "text"):
+    """The documents of a file: the whole file, or the `text_key` field of each line of a .jsonl file."""
     if path.suffix == ".jsonl":
         with open(path, encoding="utf-8", errors="replace") as f:
             for n, line in enumerate(f, 1):
@@ -87,7 +99,7 @@ def tokenize_files(files: list[Path], tokenizer: Tokenizer, text_key: str = "tex
     sep = tokenizer.encode(DOC_SEPARATOR)
     ids: list[int] = []
     for path in tqdm(files, desc=desc, unit="file", leave=False, mininterval=1):
-        for doc in _documents(path, text_key):
+        for doc in documents(path, text_key):
             ids += tokenizer.encode(doc) + sep
     return np.asarray(ids, dtype=_token_dtype(tokenizer))
 
@@ -96,12 +108,10 @@ def pack_text(source: Path, out_dir: Path, tokenizer_name: str, val_percent: flo
               shard_tokens: int = 100_000_000) -> dict:
     """Tokenize a folder into `{train,val}_NNNNN.bin` shards plus meta.json; returns the meta."""
     tokenizer = get_tokenizer(tokenizer_name)
-    files = text_files(source)
-    train, val = split_files(files, source, val_percent)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"tokenizer": tokenizer.name, "dtype": np.dtype(_token_dtype(tokenizer)).name, "source": str(source),
             "val_percent": val_percent, "splits": {}}
-    for split, split_files_ in (("train", train), ("val", val)):
+    for split, split_files_ in split_text_source(str(source), val_percent).items():
         tokens = tokenize_files(split_files_, tokenizer, text_key, desc=f"tokenizing {split}")
         shards = []
         for i in range(math.ceil(len(tokens) / shard_tokens)):
@@ -151,19 +161,13 @@ def load_lm_data(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val")) ->
                             f"the recipe needs text shards tokenized with {tokenizer.name!r}")
         val = {"val": [read_token_shards(source / "val")]} if "val" in splits else {}
         return TokenData(tokenizer, val, train_shards=source / "train")
-    if cfg.source == "stdlib":
-        root, files = stdlib_files()
-    elif (source / META).exists():
+    if cfg.source != "stdlib" and (source / META).exists():
         meta = json.loads((source / META).read_text())
         if meta["tokenizer"] != tokenizer.name:
             raise DataError(f"{source} was tokenized with {meta['tokenizer']!r}, the recipe asks for {tokenizer.name!r}")
         return TokenData(tokenizer, {s: [np.memmap(source / name, dtype=meta["dtype"], mode="r")
                                          for name in meta["splits"][s]["shards"]] for s in splits})
-    elif source.is_dir():
-        root, files = source, text_files(source)
-    else:
-        raise DataError(f"data.source={cfg.source!r} is neither 'stdlib', a shard directory nor a folder")
-    by_split = dict(zip(("train", "val"), split_files(files, root, cfg.val_percent)))
+    by_split = split_text_source(cfg.source, cfg.val_percent)
     return TokenData(tokenizer, {s: [tokenize_files(by_split[s], tokenizer, cfg.text_key, f"tokenizing {s}")]
                                  for s in splits})
 

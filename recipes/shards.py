@@ -479,12 +479,11 @@ def write_text_shards(source: str, out_dir: Path, tokenizer_name: str, val_perce
     `chunk_tokens` ids per sample (split by file, as `zoo data text`); returns both splits' info."""
     from zoo.tokenizers import get_tokenizer
 
-    from .data import split_files, stdlib_files, text_files, tokenize_files
+    from .data import split_text_source, tokenize_files
 
     tokenizer = get_tokenizer(tokenizer_name)
-    root, files = stdlib_files() if source == "stdlib" else (Path(source), text_files(Path(source)))
     result = {}
-    for split, split_files_ in zip(("train", "val"), split_files(files, root, val_percent)):
+    for split, split_files_ in split_text_source(source, val_percent).items():
         tokens = tokenize_files(split_files_, tokenizer, text_key, desc=f"tokenizing {split}")
         if len(tokens) < chunk_tokens:
             raise DataError(f"the {split} split has {len(tokens)} tokens, fewer than chunk_tokens={chunk_tokens}")
