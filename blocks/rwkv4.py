@@ -136,8 +136,24 @@ class RWKV4ChannelMix(nn.Module):
         return r * self.value(k), x[:, -1]
 
 
-class RWKV4Block(nn.Module):
-    """x = x + att(ln1(x)); x = x + ffn(ln2(x)); block 0 first applies ln0 to the embeddings."""
+class ResidualBlock(nn.Module):
+    """x = x + att(ln1(x)); x = x + ffn(ln2(x)); block 0 first applies ln0 to the embeddings. Subclasses build
+    layer_id, ln0 (block 0 only), ln1, ln2, att (its state: all rows but the last) and ffn (its x_prev: the last
+    row), in their checkpoints' key order."""
+
+    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x: [B, T, C]; state: [state rows, B, C] or None. Returns (x, new state)."""
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        att, att_state = self.att(self.ln1(x), None if state is None else state[:-1])
+        x = x + att
+        ffn, ffn_prev = self.ffn(self.ln2(x), None if state is None else state[-1])
+        x = x + ffn
+        return x, torch.cat([att_state, ffn_prev[None].to(att_state.dtype)])
+
+
+class RWKV4Block(ResidualBlock):
+    """The RWKV-4 residual block (ResidualBlock); state rows: att x_prev, aa, bb, pp, ffn x_prev."""
 
     def __init__(self, n_embd: int, dim_ffn: int, layer_id: int, n_layer: int):
         super().__init__()
@@ -148,16 +164,6 @@ class RWKV4Block(nn.Module):
         self.ln2 = nn.LayerNorm(n_embd)
         self.att = RWKV4TimeMix(n_embd, layer_id, n_layer)
         self.ffn = RWKV4ChannelMix(n_embd, dim_ffn, layer_id, n_layer)
-
-    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x: [B, T, C]; state: [STATE_ROWS, B, C] or None. Returns (x, new state)."""
-        if self.layer_id == 0:
-            x = self.ln0(x)
-        att, att_state = self.att(self.ln1(x), None if state is None else state[:4])
-        x = x + att
-        ffn, ffn_prev = self.ffn(self.ln2(x), None if state is None else state[4])
-        x = x + ffn
-        return x, torch.cat([att_state, ffn_prev[None].to(att_state.dtype)])
 
     @staticmethod
     def init_state(batch_size: int, n_embd: int, device=None, dtype=torch.float32) -> Tensor:

@@ -100,5 +100,26 @@ def test_non_state_dict_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         zoo.load_checkpoint(tmp_path / "absent.pth")
     torch.save({"foo": torch.zeros(2)}, tmp_path / "other.pth")
-    with pytest.raises(CheckpointError, match="not an RWKV-4 state dict"):
+    with pytest.raises(CheckpointError, match="not an official RWKV-4/5/6/7 state dict .no version matches"):
         zoo.load_checkpoint(tmp_path / "other.pth")
+
+
+@pytest.mark.parametrize("arch", ["rwkv4", "rwkv5", "rwkv6", "rwkv7"])
+def test_official_files_of_every_version_are_told_apart_loaded_and_exported(tmp_path, arch):
+    """load_checkpoint reads the version off the keys (exactly one format claims each file), builds that model,
+    and export_official writes the same file back."""
+    from zoo.checkpoint import OFFICIAL_LM_FORMATS, official_format
+
+    torch.manual_seed(0)
+    model = zoo.create_model(f"{arch}-tiny", n_layer=2)
+    zoo.export_official(model, tmp_path / "official.pth")
+    state_dict = torch.load(tmp_path / "official.pth", weights_only=True)
+    assert [a for a, m in OFFICIAL_LM_FORMATS.items() if m.is_state_dict(state_dict)] == [arch]
+    assert official_format(state_dict)[0] == arch
+    loaded = zoo.load_checkpoint(tmp_path / "official.pth")
+    assert loaded.arch == arch and loaded.config.n_layer == 2
+    zoo.export_official(loaded, tmp_path / "back.pth")
+    back = torch.load(tmp_path / "back.pth", weights_only=True)
+    assert list(back) == list(state_dict) and all(torch.equal(back[k], state_dict[k]) for k in state_dict)
+    with pytest.raises(CheckpointError, match="official export exists for rwkv4, rwkv5, rwkv6, rwkv7 only"):
+        zoo.export_official(zoo.create_model("gpt-tiny"), tmp_path / "gpt.pth")

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from lm_modes import chunked_logits, rnn_logits
 
 import zoo
 from blocks import token_shift
@@ -33,25 +34,6 @@ def tiny(dtype=torch.float32, seed=0, **overrides):
 
 def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def rnn_logits(model, idx):
-    state = model.init_state(idx.shape[0])
-    outs = []
-    for t in range(idx.shape[1]):
-        logits, state = model.forward_rnn(idx[:, t], state)
-        outs.append(logits)
-    return torch.stack(outs, 1), state
-
-
-def chunked_logits(model, idx, cuts):
-    state, outs = None, []
-    for a, b in zip([0, *cuts], [*cuts, idx.shape[1]]):
-        logits, state = model(idx[:, a:b], state=state, return_state=True)
-        outs.append(logits)
-    return torch.cat(outs, 1), state
-
-
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
 @pytest.mark.parametrize("T, cuts", [(1, []), (2, [1]), (9, [4, 5]), (40, [1, 17, 33]), (67, [3, 35, 36])])
 def test_parallel_chunked_and_rnn_modes_agree(dtype, tol, T, cuts):

@@ -1,4 +1,4 @@
-"""Checkpoints: the native format (safetensors + JSON config) and official BlinkDL RWKV-4 `.pth` files.
+"""Checkpoints: the native format (safetensors + JSON config) and official BlinkDL RWKV-4/5/6/7 `.pth` files.
 
 Native checkpoint = a directory with `model.safetensors` and `config.json`
 ({"format": "rwkv-zoo", "arch", "name", "config"}). Official `.pth` files are read with
@@ -19,13 +19,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .models import rwkv4
+from .models import rwkv4, rwkv5, rwkv6, rwkv7
 from .registry import arch_class
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_state_dict", "load_weights",
-           "export_official", "atomic_dir", "write_model_files"]
+           "export_official", "official_format", "OFFICIAL_LM_FORMATS", "atomic_dir", "write_model_files"]
 
 FORMAT = "rwkv-zoo"
+OFFICIAL_LM_FORMATS = {"rwkv4": rwkv4, "rwkv5": rwkv5, "rwkv6": rwkv6, "rwkv7": rwkv7}
+"""arch -> the module that reads and writes BlinkDL's `.pth` of that version: is_state_dict (the version, told from
+the keys as the `rwkv` package does), config_from_state_dict, checkpoint_filter_fn, to_official_state_dict."""
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
@@ -138,26 +141,38 @@ def _model_from_config(meta: dict, overrides: dict) -> nn.Module:
 def load_checkpoint(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None, **overrides) -> nn.Module:
     """Build the model a checkpoint describes and load its weights.
 
-    Native directories carry their config; official RWKV-4 `.pth` files get theirs from the
-    tensor shapes. `overrides` change config fields that do not affect shapes (e.g. ctx_len).
+    Native directories carry their config; official RWKV-4/5/6/7 `.pth` files get theirs from the
+    tensor shapes, the version from the keys. `overrides` change config fields that do not affect shapes
+    (e.g. ctx_len).
     """
     state_dict, meta = read_state_dict(path)
     if meta is not None:
         model = _model_from_config(meta, overrides)
     else:
+        arch, official = official_format(state_dict, path)
         try:
-            config = rwkv4.config_from_state_dict(state_dict, **overrides)
+            config = official.config_from_state_dict(state_dict, **overrides)
         except (KeyError, ValueError) as e:
-            raise CheckpointError(f"{path}: cannot infer a model from this state dict: {e}") from None
-        model = rwkv4.RWKV4LM(config)
-        state_dict = rwkv4.checkpoint_filter_fn(state_dict, model)
+            raise CheckpointError(f"{path}: cannot infer a model from this {arch} state dict: {e}") from None
+        model = arch_class(arch)(config)
+        state_dict = official.checkpoint_filter_fn(state_dict, model)
     load_weights(model, state_dict, str(path))
     return model.to(device=device, dtype=dtype)
 
 
+def official_format(state_dict: dict[str, Tensor], source: str | os.PathLike = "state dict"):
+    """(arch, its module in OFFICIAL_LM_FORMATS) of an official BlinkDL language-model state dict."""
+    matches = [(arch, module) for arch, module in OFFICIAL_LM_FORMATS.items() if module.is_state_dict(state_dict)]
+    if len(matches) != 1:
+        some_keys = ", ".join(list(state_dict)[:6])
+        found = f"it looks like {' and '.join(a for a, _ in matches)}" if matches else "no version matches its keys"
+        raise CheckpointError(f"{source} is not an official RWKV-4/5/6/7 state dict ({found}; keys: {some_keys} ...)")
+    return matches[0]
+
+
 def export_official(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
-    """Write an RWKV-4 model as an official BlinkDL `.pth` (same keys and shapes; dtype as given)."""
-    if model.arch != "rwkv4":
-        raise CheckpointError(f"official export exists for RWKV-4 only, not {model.arch!r}")
-    sd = {k: v.detach().cpu().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
-    torch.save(sd, path)
+    """Write an RWKV-4/5/6/7 language model as an official BlinkDL `.pth` (its keys, shapes and order; dtype as
+    given)."""
+    if model.arch not in OFFICIAL_LM_FORMATS:
+        raise CheckpointError(f"official export exists for {', '.join(OFFICIAL_LM_FORMATS)} only, not {model.arch!r}")
+    torch.save(OFFICIAL_LM_FORMATS[model.arch].to_official_state_dict(model, dtype), path)

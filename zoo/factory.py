@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import load_weights, read_state_dict
-from .models import rwkv4, vrwkv
+from .checkpoint import OFFICIAL_LM_FORMATS, load_weights, read_state_dict
+from .models import vrwkv
 from .registry import get_entry
 
 __all__ = ["create_model", "create_model_and_transforms", "clip_transforms", "model_info", "build_config", "count_params"]
@@ -40,7 +40,8 @@ def create_model(name: str, pretrained: str | None = None, device=None, dtype: t
         model = entry.model_class(config)
     if pretrained is not None:
         state_dict, meta = read_state_dict(pretrained)
-        official_filter = {"rwkv4": rwkv4.checkpoint_filter_fn, "vrwkv": vrwkv.checkpoint_filter_fn}.get(model.arch)
+        official = {**OFFICIAL_LM_FORMATS, "vrwkv": vrwkv}.get(model.arch)
+        official_filter = official.checkpoint_filter_fn if official else None
         if meta is None and official_filter is not None:
             state_dict = official_filter(state_dict, model)
         load_weights(model, state_dict, f"{pretrained} (for {name})")

@@ -25,7 +25,8 @@ from blocks import STATE_ROWS, RWKV4Block
 from ..registry import register_model
 from ._validate import check_tokens
 
-__all__ = ["RWKV4Config", "RWKV4LM", "checkpoint_filter_fn", "config_from_state_dict"]
+__all__ = ["RWKV4Config", "RWKV4LM", "checkpoint_filter_fn", "config_from_state_dict", "is_state_dict",
+           "to_official_state_dict"]
 
 PAPER = "RWKV: Reinventing RNNs for the Transformer Era (Peng et al., 2023, arXiv 2305.13048)"
 
@@ -152,10 +153,22 @@ def config_from_state_dict(state_dict: dict[str, Tensor], **overrides) -> RWKV4C
     return RWKV4Config(**{**fields, **overrides})
 
 
+def is_state_dict(state_dict: dict[str, Tensor]) -> bool:
+    """Whether an official BlinkDL state dict is RWKV-4's: a 1-D att.time_decay and no ln_x (RWKV-5 has ln_x)."""
+    decay = state_dict.get("blocks.0.att.time_decay")
+    return decay is not None and decay.dim() == 1 and "blocks.0.att.ln_x.weight" not in state_dict
+
+
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: RWKV4LM) -> dict[str, Tensor]:
     """Official BlinkDL keys and shapes are ours already; only the dtype is brought to the model's."""
     dtype = model.emb.weight.dtype
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def to_official_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """The official `.pth` state dict of a model whose keys, shapes and order are the official ones (RWKV-4, -5,
+    -6): its own state dict on the CPU, in `dtype` (default: the model's)."""
+    return {k: v.detach().cpu().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
 
 
 def _register(name: str, **cfg) -> None:

@@ -1,0 +1,125 @@
+"""RWKV-5.2 "Eagle" layers (Peng et al., "Eagle and Finch", arXiv 2404.05892; BlinkDL's x052 code path):
+the multi-head time-mix with a matrix-valued state, RWKV-4's channel-mix, and the residual block.
+
+Parameter names and shapes are those of the official checkpoints (`att.time_decay` [H, N], `att.time_faaaa`
+[H, N], `att.time_mix_g` [1, 1, C], `att.gate.weight`, `att.ln_x.weight`, ...), declared in the official order,
+so official state dicts load unchanged. Initialisation follows the official v5.2 trainer (RWKV-LM, RWKV-v5).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .rwkv4 import RWKV4ChannelMix, ResidualBlock, _ratios, mix, orthogonal_init_, time_mix_init, token_shift
+from .wkv5 import wkv5
+
+__all__ = ["RWKV5TimeMix", "RWKV5Block", "decay_init", "bonus_init", "pack_wkv_state", "unpack_wkv_state"]
+
+
+def decay_init(n_embd: int, head_size: int, layer_id: int, n_layer: int) -> Tensor:
+    """time_decay[c] = -6 + 5 (c/(C-1))^(0.7 + 1.3 l/(L-1)), shaped [H, N] (w = exp(-exp(time_decay)))."""
+    c = torch.arange(n_embd, dtype=torch.float32)
+    depth = _ratios(layer_id, n_layer)[0]
+    return (-6 + 5 * (c / max(n_embd - 1, 1)) ** (0.7 + 1.3 * depth)).view(-1, head_size)
+
+
+def bonus_init(n_embd: int, head_size: int, layer_id: int, n_layer: int) -> Tensor:
+    """time_faaaa[c] = (l/(L-1)) (1 - c/(C-1)) + 0.1 ((c+1) % 3 - 1), shaped [H, N]."""
+    c = torch.arange(n_embd, dtype=torch.float32)
+    depth = _ratios(layer_id, n_layer)[0]
+    return (depth * (1 - c / max(n_embd - 1, 1)) + 0.1 * ((c + 1) % 3 - 1)).view(-1, head_size)
+
+
+def pack_wkv_state(state: Tensor) -> Tensor:
+    """[B, H, N, N] (key x value) -> N rows of [B, C]: row i holds S[:, h, i, j] at column h*N + j."""
+    B, H, N, _ = state.shape
+    return state.permute(2, 0, 1, 3).reshape(N, B, H * N)
+
+
+def unpack_wkv_state(rows: Tensor, head_size: int) -> Tensor:
+    """The inverse of `pack_wkv_state`: N rows of [B, C] -> [B, H, N, N]."""
+    N, B, C = rows.shape
+    return rows.reshape(N, B, C // head_size, head_size).permute(1, 2, 0, 3)
+
+
+class RWKV5TimeMix(nn.Module):
+    """Multi-head time-mix of RWKV-5.2, with x' the token-shifted input and mix(x, x') = mu x + (1 - mu) x':
+
+        r, k, v = W_r mix_r, W_k mix_k, W_v mix_v          (split into H heads of N = head_size channels)
+        g       = SiLU(W_g mix_g)
+        y       = wkv5(r, k, v; w = exp(-exp(time_decay)), u = time_faaaa)     (blocks.wkv5)
+        out     = W_o(GroupNorm_H(y) * g)
+
+    GroupNorm over the heads has eps = 1e-5 * head_size_divisor^2: the official trainer normalises y / 8 with
+    eps 1e-5, which is the same function (the `rwkv` package uses eps 64e-5 on y).
+    """
+
+    def __init__(self, n_embd: int, head_size: int, layer_id: int, n_layer: int, head_size_divisor: int = 8):
+        super().__init__()
+        if n_embd % head_size:
+            raise ValueError(f"n_embd={n_embd} is not a multiple of head_size={head_size}")
+        self.head_size = head_size
+        self.n_head = n_embd // head_size
+        mixes = time_mix_init(n_embd, layer_id, n_layer)
+        self.time_mix_k = nn.Parameter(mixes["mix_k"])
+        self.time_mix_v = nn.Parameter(mixes["mix_v"])
+        self.time_mix_r = nn.Parameter(mixes["mix_r"])
+        self.time_mix_g = nn.Parameter(mixes["mix_r"].clone())
+        self.time_decay = nn.Parameter(decay_init(n_embd, head_size, layer_id, n_layer))
+        self.time_faaaa = nn.Parameter(bonus_init(n_embd, head_size, layer_id, n_layer))
+        self.receptance = nn.Linear(n_embd, n_embd, bias=False)
+        self.key = nn.Linear(n_embd, n_embd, bias=False)
+        self.value = nn.Linear(n_embd, n_embd, bias=False)
+        self.output = nn.Linear(n_embd, n_embd, bias=False)
+        self.gate = nn.Linear(n_embd, n_embd, bias=False)
+        self.ln_x = nn.GroupNorm(self.n_head, n_embd, eps=1e-5 * head_size_divisor ** 2)
+        self.layer_scale = ((1 + layer_id) / n_layer) ** 0.7
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official v5.2 init: orthogonal r, k, v, g; zero output; ln_x.weight = ((1 + l) / L)^0.7."""
+        for lin in (self.receptance, self.key, self.value, self.gate):
+            orthogonal_init_(lin.weight)
+        nn.init.zeros_(self.output.weight)
+        nn.init.constant_(self.ln_x.weight, self.layer_scale)
+        nn.init.zeros_(self.ln_x.bias)
+
+    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x: [B, T, C]; state: [1 + N, B, C] (x_prev, then the packed WKV state) or None.
+        Returns (out, new state)."""
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        x_prev = token_shift(x, None if state is None else state[0])
+        r = self.receptance(mix(x, x_prev, self.time_mix_r)).view(B, T, H, N)
+        k = self.key(mix(x, x_prev, self.time_mix_k)).view(B, T, H, N)
+        v = self.value(mix(x, x_prev, self.time_mix_v)).view(B, T, H, N)
+        g = F.silu(self.gate(mix(x, x_prev, self.time_mix_g)))
+        wkv_in = None if state is None else unpack_wkv_state(state[1:], N)
+        y, wkv_state = wkv5(r, k, v, self.time_decay, self.time_faaaa, wkv_in)
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+        new_state = torch.cat([x[:, -1][None].to(wkv_state.dtype), pack_wkv_state(wkv_state)])
+        return self.output(y * g), new_state
+
+
+class RWKV5Block(ResidualBlock):
+    """The RWKV-5 residual block (ResidualBlock), with RWKV-4's channel-mix (sigmoid(W_r mix_r) * W_v relu(W_k
+    mix_k)^2). State rows per layer: att x_prev, the WKV state as head_size rows of [B, C] (`pack_wkv_state`), ffn
+    x_prev."""
+
+    def __init__(self, n_embd: int, dim_ffn: int, head_size: int, layer_id: int, n_layer: int,
+                 head_size_divisor: int = 8):
+        super().__init__()
+        self.layer_id = layer_id
+        self.state_rows = head_size + 2
+        self.ln1 = nn.LayerNorm(n_embd)
+        self.ln2 = nn.LayerNorm(n_embd)
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(n_embd)
+        self.att = RWKV5TimeMix(n_embd, head_size, layer_id, n_layer, head_size_divisor)
+        self.ffn = RWKV4ChannelMix(n_embd, dim_ffn, layer_id, n_layer)
+
+    def init_state(self, batch_size: int, n_embd: int, device=None, dtype=torch.float32) -> Tensor:
+        """Empty state [state_rows, B, C]: zeros."""
+        return torch.zeros(self.state_rows, batch_size, n_embd, device=device, dtype=dtype)

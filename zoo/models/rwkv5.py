@@ -1,0 +1,113 @@
+"""RWKV-5.2 "Eagle" language models (Peng et al., "Eagle and Finch: RWKV with Matrix-Valued States and Dynamic
+Recurrence", arXiv 2404.05892; BlinkDL's x052 code path, as the RWKV-5 World models).
+
+RWKV4LM with RWKV-5 blocks: the same three modes give the same logits (parallel, parallel from a state, RNN).
+The state is one tensor [n_layer, head_size + 2, B, C] (float32; float64 for a float64 model): per layer att
+x_prev, the [B, H, N, N] WKV state as N = head_size rows of [B, C] (blocks.rwkv5.pack_wkv_state), ffn x_prev,
+the `rwkv` package's order. Parameter names are the official ones, so official `.pth` files map one to one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from blocks.rwkv5 import RWKV5Block
+
+from ..registry import register_model
+from . import rwkv4
+from .rwkv4 import _TOKENIZER_BY_VOCAB, RWKV4Config, RWKV4LM, to_official_state_dict
+
+__all__ = ["RWKV5Config", "RWKV5LM", "checkpoint_filter_fn", "config_from_state_dict", "to_official_state_dict",
+           "is_state_dict"]
+
+PAPER = "Eagle and Finch: RWKV with Matrix-Valued States and Dynamic Recurrence (Peng et al., 2024, arXiv 2404.05892)"
+
+
+@dataclass
+class RWKV5Config(RWKV4Config):
+    vocab_size: int = 65536
+    tokenizer: str = "world"
+    head_size: int = 64
+    head_size_divisor: int = 8    # ln_x eps = 1e-5 * head_size_divisor^2, as the official trainer's GroupNorm
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.head_size < 1 or self.n_embd % self.head_size:
+            raise ValueError(f"RWKV5Config: n_embd={self.n_embd} must be a positive multiple of "
+                             f"head_size={self.head_size}")
+
+    @property
+    def ffn_size(self) -> int:
+        """dim_ffn, or the official default int(3.5 C) rounded down to a multiple of 32."""
+        return self.dim_ffn or int(3.5 * self.n_embd) // 32 * 32
+
+
+class RWKV5LM(RWKV4LM):
+    """Embedding, n_layer RWKV-5 blocks, final LayerNorm and an untied head."""
+
+    arch = "rwkv5"
+    config_class = RWKV5Config
+
+    @property
+    def state_rows(self) -> int:
+        return self.config.head_size + 2
+
+    def make_block(self, layer_id: int) -> nn.Module:
+        c = self.config
+        return RWKV5Block(c.n_embd, c.ffn_size, c.head_size, layer_id, c.n_layer, c.head_size_divisor)
+
+
+def is_state_dict(state_dict: dict[str, Tensor]) -> bool:
+    """Does this official state dict look like RWKV-5? As the `rwkv` package decides: `ln_x` keys (RWKV-4 has
+    none), an `att.time_decay` (RWKV-7 has none), no `time_maa_*` or `time_decay_w1` (RWKV-6)."""
+    return ("blocks.0.att.time_decay" in state_dict and any(".att.ln_x." in k for k in state_dict)
+            and not any(".time_maa" in k or ".time_decay_w1" in k for k in state_dict))
+
+
+def config_from_state_dict(state_dict: dict[str, Tensor], **overrides) -> RWKV5Config:
+    """Infer vocab, width, depth, head size and FFN size from the shapes of an (official) RWKV-5.2 state dict."""
+    if any(".time_maa" in k or ".time_decay_w1" in k for k in state_dict):
+        raise ValueError("this state dict has time_maa_* / time_decay_w1 keys: it is RWKV-6, not RWKV-5")
+    required = ("emb.weight", "blocks.0.att.time_decay", "blocks.0.att.time_faaaa", "blocks.0.att.key.weight",
+                "blocks.0.att.gate.weight", "blocks.0.att.ln_x.weight", "blocks.0.ffn.key.weight", "head.weight")
+    missing = [k for k in required if k not in state_dict]
+    if missing:
+        raise KeyError(f"not an RWKV-5.2 state dict: missing {missing}")
+    vocab_size, n_embd = state_dict["emb.weight"].shape
+    decay = state_dict["blocks.0.att.time_decay"]
+    if decay.dim() != 2 or decay.shape[1] < 2:
+        raise ValueError(f"blocks.0.att.time_decay has shape {tuple(decay.shape)}, not [H, N] with N > 1: only "
+                         "RWKV-5.2 (per-channel decays) is supported, not RWKV-5.0/5.1 (one decay per head)")
+    n_head, head_size = decay.shape
+    if n_head * head_size != n_embd or state_dict["blocks.0.att.key.weight"].shape != (n_embd, n_embd):
+        raise ValueError(f"attention width {n_head} x {head_size} (time_decay), att.key.weight "
+                         f"{tuple(state_dict['blocks.0.att.key.weight'].shape)}: only dim_att = n_embd = {n_embd} "
+                         "is supported")
+    layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
+    fields = dict(vocab_size=vocab_size, n_embd=n_embd, n_layer=max(layers) + 1, head_size=head_size,
+                  dim_ffn=state_dict["blocks.0.ffn.key.weight"].shape[0],
+                  tokenizer=_TOKENIZER_BY_VOCAB.get(vocab_size, "world"))
+    return RWKV5Config(**{**fields, **overrides})
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: RWKV5LM) -> dict[str, Tensor]:
+    """Official RWKV-5.2 keys and shapes are ours already (time_decay and time_faaaa [H, N], time_mix_* [1, 1, C]);
+    only the dtype is brought to the model's."""
+    return rwkv4.checkpoint_filter_fn(state_dict, model)
+
+
+def _register(name: str, **cfg) -> None:
+    register_model(name, RWKV5LM, RWKV5Config(**cfg), family="language", paper=PAPER)
+
+
+OFFICIAL_SIZES = {"0.1b": (12, 768), "0.4b": (24, 1024), "1b5": (24, 2048), "3b": (32, 2560), "7b": (32, 4096)}
+"""(n_layer, n_embd) of the RWKV-5 World models: vocab 65536 (World tokenizer), head size 64, FFN 3.5 C."""
+
+for _size, (_layers, _width) in OFFICIAL_SIZES.items():
+    _register(f"rwkv5-{_size}", n_layer=_layers, n_embd=_width, ctx_len=4096)
+# Byte-level model for tests and the CPU demo.
+_register("rwkv5-tiny", vocab_size=256, n_layer=4, n_embd=128, head_size=32, ctx_len=256, tokenizer="byte")
