@@ -128,7 +128,7 @@ class RWKV7TimeMix(nn.Module):
         k = k * (1 + (iclr - 1) * self.k_a)
 
         r, k, v, log_w, iclr = (z.view(B, T, H, N) for z in (r, k, v, log_w, iclr))
-        y, wkv_state = wkv7(r, log_w, k, v, -kk, kk * iclr, wkv_state)
+        y, wkv_state = wkv7(r, log_w, k, v, -kk, kk * iclr, wkv_state, max_decay=LOG_DECAY_SCALE)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, H, N)
         y = y + (r * k * self.r_k).sum(dim=-1, keepdim=True) * v
         return self.output(y.view(B, T, C) * g), v_first, wkv_state

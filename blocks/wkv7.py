@@ -49,16 +49,19 @@ def wkv7_reference(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, a: Tensor, b:
     return torch.stack(ys, dim=1), state
 
 
-def _safe_chunk_len(log_w: Tensor, chunk_len: int) -> int:
-    """The longest chunk, at most chunk_len, over which the strongest decay sums to at least -MAX_CHUNK_LOG_DECAY."""
-    strongest = float(-log_w.detach().min())
+def _safe_chunk_len(log_w: Tensor, chunk_len: int, max_decay: float | None = None) -> int:
+    """The longest chunk, at most chunk_len, over which the strongest decay sums to at least -MAX_CHUNK_LOG_DECAY.
+    The strongest decay is `max_decay` (a bound -log_w <= max_decay the caller guarantees) or else read from log_w,
+    which waits for the device."""
+    strongest = max_decay if max_decay is not None else float(-log_w.detach().min())
     if strongest * chunk_len <= MAX_CHUNK_LOG_DECAY:
         return chunk_len
     return max(1, int(MAX_CHUNK_LOG_DECAY / strongest))
 
 
 def wkv7_chunked(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
-                 state: Tensor | None = None, chunk_len: int = DEFAULT_CHUNK_LEN) -> tuple[Tensor, Tensor]:
+                 state: Tensor | None = None, chunk_len: int = DEFAULT_CHUNK_LEN,
+                 max_decay: float | None = None) -> tuple[Tensor, Tensor]:
     """Chunked form, exact up to rounding (float32 arithmetic, float64 for float64 inputs; any T).
 
     Inside a chunk of L tokens, with c_t = sum_{j<=t} log w_j and S_0 the state entering it, the recurrence unrolls to
@@ -70,7 +73,7 @@ def wkv7_chunked(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: T
     """
     B, T, H, N = k.shape
     dt, out_dtype = _compute_dtype(r, log_w, k, v, a, b), v.dtype
-    L = _safe_chunk_len(log_w, max(1, min(chunk_len, T)))
+    L = _safe_chunk_len(log_w, max(1, min(chunk_len, T)), max_decay)
     n = math.ceil(T / L)
     pad = n * L - T
 
@@ -137,8 +140,10 @@ def _check(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
 
 
 def wkv7(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
-         state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """WKV of RWKV-7. r, log_w (log decay, <= 0), k, v, a, b: [B, T, H, N]; state: [B, H, N, N] or None (zeros).
+         state: Tensor | None = None, max_decay: float | None = None) -> tuple[Tensor, Tensor]:
+    """WKV of RWKV-7. r, log_w (log decay, <= 0), k, v, a, b: [B, T, H, N]; state: [B, H, N, N] or None (zeros);
+    max_decay: a bound on -log_w the caller guarantees (RWKV-7's layers: LOG_DECAY_SCALE), which spares the chunked
+    form reading the strongest decay back from the device.
 
     Arithmetic is float32 (float64 for float64 inputs). Returns (y [B, T, H, N] in v's dtype, the state after the
     last token in the arithmetic dtype). Differentiable in all inputs, the incoming state included.
@@ -153,4 +158,4 @@ def wkv7(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
         y, new_state = wkv7_step(*(x[:, 0].to(dt) for x in (r, log_w, k, v, a, b)), init)
         return y[:, None].to(v.dtype), new_state
     _log_path("wkv7", "torch-chunked", k.device)
-    return wkv7_chunked(r, log_w, k, v, a, b, state)
+    return wkv7_chunked(r, log_w, k, v, a, b, state, max_decay=max_decay)

@@ -137,6 +137,19 @@ def test_wkv7_entry_point_and_errors():
         wkv7(r, log_w, k, v, a, b, state=torch.zeros(2, 2, 4, 3, dtype=torch.float64))
 
 
+def test_a_decay_bound_from_the_caller_spares_reading_log_w():
+    """With max_decay (RWKV-7's layers pass their bound) the chunk length is set without reading log_w back from the
+    device (a meta tensor has no values to read), and the result is the same."""
+    from blocks.rwkv7 import LOG_DECAY_SCALE
+    from blocks.wkv7 import _safe_chunk_len
+
+    assert _safe_chunk_len(torch.empty(2, 64, 2, 4, device="meta"), 16, max_decay=LOG_DECAY_SCALE) == 16
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        _safe_chunk_len(torch.empty(2, 64, 2, 4, device="meta"), 16)
+    inputs = wkv_inputs(2, 37, 2, 4, seed=3)                                # decays in RWKV-7's range
+    assert all(torch.equal(x, y) for x, y in zip(wkv7(*inputs, max_decay=LOG_DECAY_SCALE), wkv7(*inputs)))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Random official-format weights
 
