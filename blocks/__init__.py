@@ -2,6 +2,7 @@
 
 from .attention import CausalSelfAttention, GPTBlock
 from .biwkv import biwkv, biwkv_parallel, biwkv_recurrent, biwkv_reference
+from .biwkv6 import biwkv6, biwkv6_reference
 from .rrwkv import RRWKVBlock, RRWKVChannelMix, RRWKVTimeMix
 from .rwkv4 import STATE_ROWS, RWKV4Block, RWKV4ChannelMix, RWKV4TimeMix, token_shift
 from .rwkv5 import RWKV5Block, RWKV5TimeMix
@@ -17,7 +18,7 @@ __all__ = [
     "CausalSelfAttention", "GPTBlock", "STATE_ROWS", "RWKV4Block", "RWKV4ChannelMix", "RWKV4TimeMix",
     "RWKV5Block", "RWKV5TimeMix", "RWKV6Block", "RWKV6ChannelMix", "RWKV6TimeMix",
     "RWKV7Block", "RWKV7ChannelMix", "RWKV7TimeMix", "RRWKVBlock", "RRWKVChannelMix", "RRWKVTimeMix",
-    "biwkv", "biwkv_parallel", "biwkv_recurrent", "biwkv_reference",
+    "biwkv", "biwkv_parallel", "biwkv_recurrent", "biwkv_reference", "biwkv6", "biwkv6_reference",
     "VRWKVBlock", "VRWKVChannelMix", "VRWKVSpatialMix", "bi_token_shift", "q_shift",
     "token_shift", "wkv4", "wkv4_chunked", "wkv4_init_state", "wkv4_reference", "wkv4_step",
     "wkv5", "wkv5_chunked", "wkv5_reference", "wkv5_step", "wkv6", "wkv6_chunked", "wkv6_reference", "wkv6_step",
