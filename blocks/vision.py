@@ -20,21 +20,25 @@ from .rwkv4 import channel_mix_init, time_mix_init
 __all__ = ["q_shift", "bi_token_shift", "TOKEN_SHIFTS", "shift_mixes", "VRWKVSpatialMix", "VRWKVChannelMix", "VRWKVBlock"]
 
 
-def q_shift(x: Tensor, resolution: tuple[int, int]) -> Tensor:
+def q_shift(x: Tensor, resolution: tuple[int, int], head_size: int | None = None) -> Tensor:
     """Q-Shift: tokens x [B, H*W, C] (row-major grid) take channel quarters from their four neighbours:
     [0, C/4) from the left pixel, [C/4, C/2) from the right, [C/2, 3C/4) from above, [3C/4, 4*(C//4)) from below,
-    zeros past the border; channels past 4*(C//4) keep their own value."""
+    zeros past the border; channels past 4*(C//4) keep their own value. With head_size (Vision-RWKV-6's multi-head
+    Q-Shift, RWKV-CLIP's image tower), the quarters are taken inside every head of head_size channels instead."""
     B, N, C = x.shape
     H, W = resolution
     if N != H * W:
         raise ValueError(f"q_shift: {N} tokens do not fill a {H} x {W} grid")
-    q = C // 4
-    grid = x.view(B, H, W, C)
+    head_size = head_size or C
+    if C % head_size:
+        raise ValueError(f"q_shift: {C} channels are not whole heads of {head_size}")
+    q = head_size // 4
+    grid = x.view(B, H, W, C // head_size, head_size)
     out = torch.zeros_like(grid)
-    out[:, :, 1:, :q] = grid[:, :, :-1, :q]
-    out[:, :, :-1, q:2 * q] = grid[:, :, 1:, q:2 * q]
-    out[:, 1:, :, 2 * q:3 * q] = grid[:, :-1, :, 2 * q:3 * q]
-    out[:, :-1, :, 3 * q:4 * q] = grid[:, 1:, :, 3 * q:4 * q]
+    out[:, :, 1:, :, :q] = grid[:, :, :-1, :, :q]
+    out[:, :, :-1, :, q:2 * q] = grid[:, :, 1:, :, q:2 * q]
+    out[:, 1:, :, :, 2 * q:3 * q] = grid[:, :-1, :, :, 2 * q:3 * q]
+    out[:, :-1, :, :, 3 * q:4 * q] = grid[:, 1:, :, :, 3 * q:4 * q]
     out[..., 4 * q:] = grid[..., 4 * q:]
     return out.view(B, N, C)
 

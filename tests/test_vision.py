@@ -34,6 +34,17 @@ def test_q_shift_moves_each_quarter_from_its_neighbour(H, W, C):
         q_shift(x, (2, 2))
 
 
+def test_multi_head_q_shift_shifts_the_quarters_of_every_head():
+    """Vision-RWKV-6's Q-Shift: each head's channels are quartered on their own (head_size C: the one-head shift)."""
+    H, W, heads, N = 3, 4, 3, 8
+    x = torch.randn(2, H * W, heads * N, dtype=torch.float64)
+    expected = torch.cat([q_shift_loop(x[..., h * N:(h + 1) * N].contiguous(), H, W) for h in range(heads)], -1)
+    torch.testing.assert_close(q_shift(x, (H, W), head_size=N), expected, rtol=0, atol=0)
+    torch.testing.assert_close(q_shift(x, (H, W), head_size=heads * N), q_shift(x, (H, W)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="24 channels are not whole heads of 5"):
+        q_shift(x, (H, W), head_size=5)
+
+
 @pytest.mark.parametrize("post_norm, layer_scale", [(False, None), (True, 1e-2)])
 def test_block_follows_the_pre_and_post_norm_formulas(post_norm, layer_scale):
     torch.manual_seed(0)
