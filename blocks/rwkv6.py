@@ -56,7 +56,7 @@ class RWKV6TimeMix(nn.Module):
     """
 
     def __init__(self, n_embd: int, layer_id: int, n_layer: int, head_size: int = 64, mix_lora: int = 32,
-                 decay_lora: int = 64):
+                 decay_lora: int = 64, group_norm_eps: float = GROUP_NORM_EPS):
         super().__init__()
         if n_embd % head_size:
             raise ValueError(f"n_embd={n_embd} is not a multiple of head_size={head_size}")
@@ -79,7 +79,7 @@ class RWKV6TimeMix(nn.Module):
         self.value = nn.Linear(n_embd, n_embd, bias=False)
         self.output = nn.Linear(n_embd, n_embd, bias=False)
         self.gate = nn.Linear(n_embd, n_embd, bias=False)
-        self.ln_x = nn.GroupNorm(n_embd // head_size, n_embd, eps=GROUP_NORM_EPS)
+        self.ln_x = nn.GroupNorm(n_embd // head_size, n_embd, eps=group_norm_eps)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -95,10 +95,10 @@ class RWKV6TimeMix(nn.Module):
         nn.init.constant_(self.ln_x.weight, ((self.layer_id + 1) / self.n_layer) ** 0.7)
         nn.init.zeros_(self.ln_x.bias)
 
-    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x: [B, T, C]; state: [1 + N, B, C] (x_prev, packed WKV state) or None. Returns (out, new state)."""
+    def projections(self, x: Tensor, shifted: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(r, k, v, g, decay logits d) of tokens x [B, T, C] and their token-shifted neighbours."""
         B, T, C = x.shape
-        delta = token_shift(x, None if state is None else state[0]) - x
+        delta = shifted - x
         lora = torch.tanh((x + delta * self.time_maa_x) @ self.time_maa_w1).view(B, T, 5, -1)
         m_w, m_k, m_v, m_r, m_g = torch.einsum("btjr,jrc->jbtc", lora, self.time_maa_w2)
         x_w = x + delta * (self.time_maa_w + m_w)
@@ -107,10 +107,19 @@ class RWKV6TimeMix(nn.Module):
         v = self.value(x + delta * (self.time_maa_v + m_v))
         g = F.silu(self.gate(x + delta * (self.time_maa_g + m_g)))
         decay = self.time_decay + torch.tanh(x_w @ self.time_decay_w1) @ self.time_decay_w2
+        return r, k, v, g, decay
+
+    def gated_output(self, y: Tensor, g: Tensor) -> Tensor:
+        """W_o(GroupNorm_H(y) * g) for the WKV output y [B, T, C]."""
+        B, T, C = y.shape
+        return self.output(self.ln_x(y.reshape(B * T, C)).view(B, T, C) * g)
+
+    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x: [B, T, C]; state: [1 + N, B, C] (x_prev, packed WKV state) or None. Returns (out, new state)."""
+        r, k, v, g, decay = self.projections(x, token_shift(x, None if state is None else state[0]))
         wkv_state = None if state is None else unpack_wkv_state(state[1:], self.time_faaaa.shape[1])
         y, wkv_state = wkv6(r, k, v, decay, self.time_faaaa, wkv_state)
-        out = self.output(self.ln_x(y.reshape(B * T, C)).view(B, T, C) * g)
-        return out, torch.cat([x[None, :, -1].to(wkv_state.dtype), pack_wkv_state(wkv_state)])
+        return self.gated_output(y, g), torch.cat([x[None, :, -1].to(wkv_state.dtype), pack_wkv_state(wkv_state)])
 
 
 class RWKV6ChannelMix(nn.Module):

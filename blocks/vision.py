@@ -8,6 +8,7 @@ parameters start from the official "fancy" init, which is RWKV-4's (`time_mix_in
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -15,9 +16,12 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from .biwkv import biwkv
+from .biwkv6 import biwkv6
 from .rwkv4 import channel_mix_init, time_mix_init
+from .rwkv6 import RWKV6TimeMix
 
-__all__ = ["q_shift", "bi_token_shift", "TOKEN_SHIFTS", "shift_mixes", "VRWKVSpatialMix", "VRWKVChannelMix", "VRWKVBlock"]
+__all__ = ["q_shift", "bi_token_shift", "TOKEN_SHIFTS", "shift_mixes", "VRWKVSpatialMix", "VRWKV6SpatialMix",
+           "VRWKVChannelMix", "VRWKVBlock"]
 
 
 def q_shift(x: Tensor, resolution: tuple[int, int], head_size: int | None = None) -> Tensor:
@@ -94,6 +98,22 @@ class VRWKVSpatialMix(nn.Module):
         return self.output(r * self.key_norm(wkv))
 
 
+class VRWKV6SpatialMix(RWKV6TimeMix):
+    """Vision-RWKV-6's spatial mix: RWKV-6's time mix (data-dependent token-shift interpolation and decay, bonus,
+    GroupNorm with eps 1e-5, SiLU gate; blocks.rwkv6) with Q-Shift inside every head for the token shift and the
+    bidirectional WKV-6 (blocks.biwkv6) for the causal one:
+        r, k, v, g, d = projections(x, Q-Shift_heads(x));   out = W_o(GroupNorm_H(biwkv6(r, k, v, d, u)) * g)."""
+
+    def __init__(self, dim: int, layer_id: int, depth: int, head_size: int = 64, token_shift: str | Callable = "q"):
+        super().__init__(dim, layer_id, depth, head_size, group_norm_eps=1e-5)
+        shift = TOKEN_SHIFTS.get(token_shift, token_shift)
+        self.shift = partial(shift, head_size=head_size) if token_shift in TOKEN_SHIFTS else shift
+
+    def forward(self, x: Tensor, resolution: tuple[int, int]) -> Tensor:
+        r, k, v, g, decay = self.projections(x, self.shift(x, resolution))
+        return self.gated_output(biwkv6(r, k, v, decay, self.time_faaaa), g)
+
+
 class VRWKVChannelMix(nn.Module):
     """x' = Q-Shift(x); out = sigmoid(W_r mix_r) * W_v(key_norm(relu(W_k mix_k)^2)), hidden mlp_ratio * C."""
 
@@ -119,19 +139,29 @@ class VRWKVBlock(nn.Module):
     """Pre-norm: x = x + drop(gamma * mix(LN(x))); post-norm: x = x + drop(gamma * LN(mix(x))), for the spatial
     mix (ln1, gamma1) then the channel mix (ln2, gamma2); gamma (layer scale) only when `layer_scale` gives its
     init. Block 0 first applies ln0 to the patch embeddings. `token_shift`: "q" (Q-Shift on the image grid given as
-    `resolution`), "bi" (the text towers' bidirectional shift; `resolution` unused) or a function (x, resolution)."""
+    `resolution`), "bi" (the text towers' bidirectional shift; `resolution` unused) or a function (x, resolution).
+    `version` 4: Vision-RWKV's spatial mix (Bi-WKV); 6: Vision-RWKV-6's (VRWKV6SpatialMix), whose named token shifts
+    work inside each head of `head_size` channels in both mixes."""
 
     def __init__(self, dim: int, layer_id: int, depth: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
                  layer_scale: float | None = None, post_norm: bool = False, key_norm: bool = False,
-                 token_shift: str | Callable = "q"):
+                 token_shift: str | Callable = "q", version: int = 4, head_size: int = 64):
         super().__init__()
+        if version not in (4, 6):
+            raise ValueError(f"VRWKVBlock version must be 4 or 6, got {version}")
+        if version == 6 and key_norm:
+            raise ValueError("key_norm is not offered with version 6 (no Vision-RWKV-6 configuration uses it)")
         self.layer_id = layer_id
         self.post_norm = post_norm
         if layer_id == 0:
             self.ln0 = nn.LayerNorm(dim)
         self.ln1 = nn.LayerNorm(dim)
         self.ln2 = nn.LayerNorm(dim)
-        self.att = VRWKVSpatialMix(dim, layer_id, depth, key_norm, token_shift)
+        if version == 6:
+            self.att = VRWKV6SpatialMix(dim, layer_id, depth, head_size, token_shift)
+            token_shift = self.att.shift
+        else:
+            self.att = VRWKVSpatialMix(dim, layer_id, depth, key_norm, token_shift)
         self.ffn = VRWKVChannelMix(dim, layer_id, depth, mlp_ratio, key_norm, token_shift)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if layer_scale is not None:

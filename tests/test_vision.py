@@ -70,6 +70,7 @@ def test_block_follows_the_pre_and_post_norm_formulas(post_norm, layer_scale):
 
 @pytest.mark.parametrize("name, millions", [
     ("vrwkv_tiny", 6.2), ("vrwkv_small", 23.8), ("vrwkv_base", 93.7),
+    ("vrwkv6_tiny", 7.6), ("vrwkv6_small", 27.7), ("vrwkv6_base", 104.9),
     pytest.param("vrwkv_large", 334.9, marks=pytest.mark.xfail(
         strict=True, reason="329.7M with the published layout (d24, C1024, FFN 4C, key_norm): where the paper's "
                             "other 5M sit is not known yet")),
@@ -191,3 +192,30 @@ def test_bad_input_gets_clear_errors():
         model(torch.randn(1, 3, 40, 32))
     with pytest.raises(zoo.UnknownModelError, match="closest: vrwkv_tiny"):
         zoo.create_model("vrwkv_tiyn")
+
+
+def test_vrwkv6_loads_official_keys_and_every_patch_reads_the_whole_image(tmp_path):
+    """Vision-RWKV-6 (bidirectional WKV-6, Q-Shift inside each head): official mmcls-format random weights load
+    key for key (the official file's key names: att.time_maa_*, time_decay_w1, time_faaaa [H, 64], ffn.spatial_mix_*,
+    gamma1/2), and a change in one patch reaches the features of patches before and after it."""
+    torch.manual_seed(0)
+    source = timm.create_model("vrwkv6_small", depth=2, num_classes=10, img_size=64)
+    for p in source.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    official = official_state_dict(source)
+    assert official["backbone.layers.1.att.time_faaaa"].shape == (6, 64)
+    assert official["backbone.layers.0.att.time_maa_w1"].shape == (384, 160)
+    assert {"backbone.layers.0.gamma1", "backbone.layers.0.ffn.spatial_mix_k", "backbone.layers.0.ln0.weight"} <= set(
+        official)
+    torch.save({"state_dict": official}, tmp_path / "vrwkv6_s_in1k_224.pth")
+    loaded = zoo.create_model("vrwkv6_small", depth=2, num_classes=10, img_size=64,
+                              pretrained=str(tmp_path / "vrwkv6_s_in1k_224.pth")).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.forward_features(x), source.eval().forward_features(x), rtol=0, atol=0)
+        x2 = x.clone()
+        x2[:, :, 32:48, 32:48] += 1.0                                   # patch (2, 2) of the 4 x 4 grid
+        changed = (loaded.forward_features(x2) - loaded.forward_features(x)).abs().amax(-1)[0]
+    assert (changed[:10] > 0).all() and (changed[11:] > 0).all()
+    with pytest.raises(ValueError, match="key_norm is not offered with version 6"):
+        timm.create_model("vrwkv6_tiny", key_norm=True)

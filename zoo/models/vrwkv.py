@@ -43,6 +43,8 @@ class VRWKVConfig:
     post_norm: bool = False
     layer_scale: float | None = None     # init of the per-channel residual scales (gamma1, gamma2); None: none
     key_norm: bool = False
+    version: int = 4                     # 4: Vision-RWKV (Bi-WKV), 6: Vision-RWKV-6 (bidirectional WKV-6, heads)
+    head_size: int = 64                  # version 6: channels per head
     global_pool: str = "avg"             # "avg", or "" for the token features
 
 
@@ -70,7 +72,8 @@ class VisionRWKV(nn.Module):
         rates = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
         self.blocks = nn.ModuleList(
             VRWKVBlock(config.embed_dim, i, config.depth, config.mlp_ratio, rates[i], config.layer_scale,
-                       config.post_norm, config.key_norm) for i in range(config.depth))
+                       config.post_norm, config.key_norm, version=config.version, head_size=config.head_size)
+            for i in range(config.depth))
         self.norm = nn.LayerNorm(config.embed_dim)
         self.head = nn.Linear(config.embed_dim, config.num_classes) if config.num_classes > 0 else nn.Identity()
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=config.embed_dim, reduction=config.patch_size)
@@ -193,7 +196,10 @@ def _cfg(**kwargs) -> dict:
             "paper_ids": "arXiv:2403.02308", "paper_name": PAPER, "license": "apache-2.0", **kwargs}
 
 
-default_cfgs = generate_default_cfgs({f"vrwkv_{size}.in1k": _cfg() for size in ("tiny", "small", "base", "large")})
+default_cfgs = generate_default_cfgs({
+    **{f"vrwkv_{size}.in1k": _cfg() for size in ("tiny", "small", "base", "large")},
+    **{f"vrwkv6_{size}.in1k": _cfg() for size in ("tiny", "small", "base")},
+})
 
 SIZES = {
     "tiny": dict(embed_dim=192, depth=12, drop_path_rate=0.1),
@@ -202,6 +208,14 @@ SIZES = {
     "large": dict(embed_dim=1024, depth=24, drop_path_rate=0.1, post_norm=True, layer_scale=1e-5, key_norm=True),
 }
 """The paper's classifiers (ImageNet-1k training; drop path as in the official configs)."""
+
+SIZES_V6 = {
+    "tiny": dict(embed_dim=192, depth=12, version=6),
+    "small": dict(embed_dim=384, depth=12, drop_path_rate=0.3, post_norm=True, layer_scale=1e-5, version=6),
+    "base": dict(embed_dim=768, depth=12, drop_path_rate=0.5, post_norm=True, layer_scale=1e-5, version=6),
+}
+"""Vision-RWKV-6 (OpenGVLab/Vision-RWKV's vrwkv6 configs: head size 64, FFN 4C, LoRA ranks 32 and 64): 7.6M,
+27.7M and 104.9M parameters with the 1000-class head."""
 
 
 def _create_vrwkv(variant: str, pretrained: bool = False, **kwargs) -> VisionRWKV:
@@ -228,5 +242,21 @@ def vrwkv_large(pretrained: bool = False, **kwargs) -> VisionRWKV:
     return _create_vrwkv("vrwkv_large", pretrained, **{**SIZES["large"], **kwargs})
 
 
-for _size, _cfg_fields in SIZES.items():
-    register_model(f"vrwkv_{_size}", VisionRWKV, VRWKVConfig(**_cfg_fields), family="vision", paper=PAPER)
+@register_timm_model
+def vrwkv6_tiny(pretrained: bool = False, **kwargs) -> VisionRWKV:
+    return _create_vrwkv("vrwkv6_tiny", pretrained, **{**SIZES_V6["tiny"], **kwargs})
+
+
+@register_timm_model
+def vrwkv6_small(pretrained: bool = False, **kwargs) -> VisionRWKV:
+    return _create_vrwkv("vrwkv6_small", pretrained, **{**SIZES_V6["small"], **kwargs})
+
+
+@register_timm_model
+def vrwkv6_base(pretrained: bool = False, **kwargs) -> VisionRWKV:
+    return _create_vrwkv("vrwkv6_base", pretrained, **{**SIZES_V6["base"], **kwargs})
+
+
+for _prefix, _sizes in (("vrwkv", SIZES), ("vrwkv6", SIZES_V6)):
+    for _size, _cfg_fields in _sizes.items():
+        register_model(f"{_prefix}_{_size}", VisionRWKV, VRWKVConfig(**_cfg_fields), family="vision", paper=PAPER)
