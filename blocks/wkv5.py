@@ -1,4 +1,4 @@
-"""The RWKV-5 ("Eagle", x052) WKV operator: one entry point, a float64 reference and a chunked PyTorch form.
+"""The RWKV-5 ("Eagle", x052) WKV operator: RWKV-6's (blocks.wkv6) with a decay that does not depend on the token.
 
 Per head of N channels, with a matrix state S (key channel x value channel), the decay w = exp(-exp(time_decay))
 in (0, 1)^N per key channel and the bonus u = time_faaaa (Eagle and Finch, arXiv 2404.05892, section 4):
@@ -6,95 +6,40 @@ in (0, 1)^N per key channel and the bonus u = time_faaaa (Eagle and Finch, arXiv
     y_t = r_t^T (diag(u) k_t v_t^T + S_{t-1})
     S_t = diag(w) S_{t-1} + k_t v_t^T                     S_{-1} = the incoming state (zeros if none)
 
-so y_t = r_t^T (diag(u) k_t v_t^T + sum_{i<t} diag(w)^{t-1-i} k_i v_i^T + diag(w)^t S_{-1}).
-
-`wkv5` is the op the layers call. A CUDA kernel has not been written yet; `wkv5` is the one place that will
-dispatch to it (as `blocks.wkv.wkv4` does). Until then every device runs the chunked form.
+so y_t = r_t^T (diag(u) k_t v_t^T + sum_{i<t} diag(w)^{t-1-i} k_i v_i^T + diag(w)^t S_{-1}): WKV-6 with the decay
+logits d_t = time_decay at every token. The reference, the chunked form and the entry point here are WKV-6's on the
+heads laid out as channels and time_decay broadcast over the tokens; `wkv5` is where a kernel of its own would go.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from .wkv import _compute_dtype, _log_path
+from .wkv6 import DEFAULT_CHUNK_LEN, wkv6, wkv6_chunked, wkv6_reference
 
-__all__ = ["wkv5", "wkv5_chunked", "wkv5_reference", "wkv5_step"]
-
-DEFAULT_CHUNK_LEN = 16
+__all__ = ["wkv5", "wkv5_chunked", "wkv5_reference"]
 
 
-def wkv5_step(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-    """One token (RNN mode). r, k, v: [B, H, N]; w (decay in (0, 1)), u: [H, N]; state: [B, H, N, N].
-    Returns (y [B, H, N], new state): y = r^T (diag(u) k v^T + S), S <- diag(w) S + k v^T."""
-    kv = k[..., :, None] * v[..., None, :]
-    y = (r[..., :, None] * (u[..., None] * kv + state)).sum(-2)
-    return y, w[..., None] * state + kv
+def _as_wkv6(op, r: Tensor, k: Tensor, v: Tensor, time_decay: Tensor, u: Tensor, state: Tensor | None,
+             **kwargs) -> tuple[Tensor, Tensor]:
+    """Run a WKV-6 form on RWKV-5's [B, T, H, N] inputs with the per-channel decay logits repeated at every token."""
+    B, T, H, N = k.shape
+    r, k, v = (x.reshape(B, T, H * N) for x in (r, k, v))
+    decay = time_decay.reshape(1, 1, H * N).expand(B, T, H * N)
+    y, state = op(r, k, v, decay, u, state, **kwargs)
+    return y.view(B, T, H, N), state
 
 
 def wkv5_reference(r: Tensor, k: Tensor, v: Tensor, time_decay: Tensor, u: Tensor,
                    state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Sequential float64 reference: `wkv5_step` over t. Returns (y [B, T, H, N] float64, state [B, H, N, N])."""
-    r, k, v, time_decay, u = (x.double() for x in (r, k, v, time_decay, u))
-    B, T, H, N = k.shape
-    state = k.new_zeros(B, H, N, N) if state is None else state.double()
-    w = torch.exp(-torch.exp(time_decay))
-    ys = []
-    for t in range(T):
-        y, state = wkv5_step(r[:, t], k[:, t], v[:, t], w, u, state)
-        ys.append(y)
-    return torch.stack(ys, dim=1), state
-
-
-def _full_chunks(r: Tensor, k: Tensor, v: Tensor, log_w: Tensor, u: Tensor, state: Tensor,
-                 chunk_len: int) -> tuple[Tensor, Tensor]:
-    """`wkv5_chunked` on a length that is a multiple of chunk_len. r, k, v: [B, T, H, N]; log_w = -exp(time_decay)."""
-    B, T, H, N = k.shape
-    L, n = chunk_len, T // chunk_len
-    r, k, v = (x.reshape(B, n, L, H, N).permute(0, 3, 1, 2, 4) for x in (r, k, v))     # [B, H, n, L, N]
-    pos = torch.arange(L, device=k.device)
-    # Every decay factor below is a power >= 0 of w, so nothing overflows whatever the decay.
-    lag = pos[:, None] - 1 - pos[None, :]                                                  # t - 1 - i
-    pair = torch.exp(lag.clamp(min=0)[:, :, None, None].to(log_w.dtype) * log_w)           # [L, L, H, N]
-    pair = torch.where((lag >= 0)[:, :, None, None], pair, torch.where((lag == -1)[:, :, None, None], u, 0.0))
-    scores = torch.einsum("bhntc,tihc,bhnic->bhnti", r, pair, k)                          # [B, H, n, L, L]
-    from_state = torch.exp(pos[:, None, None].to(log_w.dtype) * log_w).transpose(0, 1)   # w^t: [H, L, N]
-    to_end = torch.exp((L - 1 - pos)[:, None, None].to(log_w.dtype) * log_w).transpose(0, 1)  # w^(L-1-i)
-    chunk_kv = (k * to_end[:, None]).transpose(-1, -2) @ v                                 # [B, H, n, N, N]
-
-    # The one sequential part: the state entering each chunk, S <- diag(w^L) S + sum_i diag(w^(L-1-i)) k_i v_i^T.
-    chunk_decay = torch.exp(L * log_w)[:, :, None]                                         # [H, N, 1]
-    states_in = []
-    for j in range(n):
-        states_in.append(state)
-        state = chunk_decay * state + chunk_kv[:, :, j]
-    y = scores @ v + (r * from_state[:, None]) @ torch.stack(states_in, dim=2)
-    return y.permute(0, 2, 3, 1, 4).reshape(B, T, H, N), state
+    """Sequential float64 reference (WKV-6's). Returns (y [B, T, H, N] float64, state [B, H, N, N])."""
+    return _as_wkv6(wkv6_reference, r, k, v, time_decay, u, state)
 
 
 def wkv5_chunked(r: Tensor, k: Tensor, v: Tensor, time_decay: Tensor, u: Tensor, state: Tensor | None = None,
                  chunk_len: int = DEFAULT_CHUNK_LEN) -> tuple[Tensor, Tensor]:
-    """Chunked parallel form, exact up to rounding (float32 arithmetic, float64 for float64 inputs; any T).
-
-    The sequence is cut into chunks of L tokens. Inside a chunk, y = (R * D) K^T V-style products: the scores
-    r_t^T diag(D_ti) k_i with D_ti = w^(t-1-i) (i < t), u (i = t), 0 (i > t) are one contraction over the
-    channels, and the state entering the chunk adds r_t^T diag(w^t) S_in. The states entering the chunks come
-    from a short scan over chunks (T / L steps of one [B, H, N, N] multiply-add). A last partial chunk is a
-    chunk of its own length.
-    """
-    dt, out_dtype = _compute_dtype(r, k, v), v.dtype
-    B, T, H, N = k.shape
-    r, k, v, u = (x.to(dt) for x in (r, k, v, u))
-    log_w = -torch.exp(time_decay.to(dt))
-    state = k.new_zeros(B, H, N, N) if state is None else state.to(dt)
-    L = max(1, min(chunk_len, T))
-    full = T - T % L
-    ys = []
-    for lo, hi, length in ((0, full, L), (full, T, T - full)):
-        if hi > lo:
-            y, state = _full_chunks(r[:, lo:hi], k[:, lo:hi], v[:, lo:hi], log_w, u, state, length)
-            ys.append(y)
-    return torch.cat(ys, dim=1).to(out_dtype), state
+    """Chunked parallel form (WKV-6's), exact up to rounding (float32 arithmetic, float64 for float64 inputs)."""
+    return _as_wkv6(wkv6_chunked, r, k, v, time_decay, u, state, chunk_len=chunk_len)
 
 
 def _check(r: Tensor, k: Tensor, v: Tensor, time_decay: Tensor, u: Tensor, state: Tensor | None) -> None:
@@ -128,13 +73,4 @@ def wkv5(r: Tensor, k: Tensor, v: Tensor, time_decay: Tensor, u: Tensor,
     """
     _check(r, k, v, time_decay, u, state)
     # A CUDA kernel for RWKV-5 goes here, dispatched as wkv4 dispatches to its kernel (blocks/wkv_cuda.py).
-    if k.shape[1] == 1:
-        _log_path("wkv5", "torch-step", k.device)
-        dt = _compute_dtype(r, k, v)
-        B, _, H, N = k.shape
-        init = k.new_zeros(B, H, N, N, dtype=dt) if state is None else state.to(dt)
-        w = torch.exp(-torch.exp(time_decay.to(dt)))
-        y, new_state = wkv5_step(r[:, 0].to(dt), k[:, 0].to(dt), v[:, 0].to(dt), w, u.to(dt), init)
-        return y[:, None].to(v.dtype), new_state
-    _log_path("wkv5", "torch-chunked", k.device)
-    return wkv5_chunked(r, k, v, time_decay, u, state)
+    return _as_wkv6(wkv6, r, k, v, time_decay, u, state)
