@@ -26,7 +26,7 @@ from ..registry import register_model
 from ._validate import check_tokens
 
 __all__ = ["RWKV4Config", "RWKV4LM", "checkpoint_filter_fn", "config_from_state_dict", "is_state_dict",
-           "to_official_state_dict"]
+           "to_official_state_dict", "official_common_fields"]
 
 PAPER = "RWKV: Reinventing RNNs for the Transformer Era (Peng et al., 2023, arXiv 2305.13048)"
 
@@ -136,20 +136,27 @@ class RWKV4LM(nn.Module):
 _TOKENIZER_BY_VOCAB = {256: "byte", 65536: "world"}  # official RWKV-4 Pile models: 50277 (neox)
 
 
+def official_common_fields(state_dict: dict[str, Tensor], required: tuple[str, ...], version: str,
+                           default_tokenizer: str) -> dict:
+    """What every official RWKV state dict (versions 4 to 7) gives the same way, after checking that the `required`
+    keys are there (a KeyError names the missing ones): vocab_size and n_embd from emb.weight, n_layer from the block
+    indices, dim_ffn from ffn.key.weight, and the tokenizer from the vocabulary size (else `default_tokenizer`)."""
+    missing = [k for k in ("emb.weight", "blocks.0.ffn.key.weight", *required) if k not in state_dict]
+    if missing:
+        raise KeyError(f"not an {version} state dict: missing {missing}")
+    vocab_size, n_embd = state_dict["emb.weight"].shape
+    layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
+    return dict(vocab_size=vocab_size, n_embd=n_embd, n_layer=max(layers) + 1,
+                dim_ffn=state_dict["blocks.0.ffn.key.weight"].shape[0],
+                tokenizer=_TOKENIZER_BY_VOCAB.get(vocab_size, default_tokenizer))
+
+
 def config_from_state_dict(state_dict: dict[str, Tensor], **overrides) -> RWKV4Config:
     """Infer vocab, width, depth and FFN size from the shapes of an (official) RWKV-4 state dict."""
-    required = ("emb.weight", "blocks.0.att.time_decay", "blocks.0.ffn.key.weight")
-    missing = [k for k in required if k not in state_dict]
-    if missing:
-        raise KeyError(f"not an RWKV-4 state dict: missing {missing}")
+    fields = official_common_fields(state_dict, ("blocks.0.att.time_decay",), "RWKV-4", "neox")
     if state_dict["blocks.0.att.time_decay"].dim() != 1:
         raise ValueError("blocks.0.att.time_decay is not 1-D: this is not an RWKV-4 checkpoint "
                          "(RWKV-5/6/7 have per-head decays)")
-    vocab_size, n_embd = state_dict["emb.weight"].shape
-    layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
-    fields = dict(vocab_size=vocab_size, n_embd=n_embd, n_layer=max(layers) + 1,
-                  dim_ffn=state_dict["blocks.0.ffn.key.weight"].shape[0],
-                  tokenizer=_TOKENIZER_BY_VOCAB.get(vocab_size, "neox"))
     return RWKV4Config(**{**fields, **overrides})
 
 

@@ -9,17 +9,15 @@ the `rwkv` package's order. Parameter names are the official ones, so official `
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from blocks.rwkv5 import RWKV5Block
 
 from ..registry import register_model
 from . import rwkv4
-from .rwkv4 import _TOKENIZER_BY_VOCAB, RWKV4Config, RWKV4LM, to_official_state_dict
+from .rwkv4 import RWKV4Config, RWKV4LM, official_common_fields, to_official_state_dict
 
 __all__ = ["RWKV5Config", "RWKV5LM", "checkpoint_filter_fn", "config_from_state_dict", "to_official_state_dict",
            "is_state_dict"]
@@ -72,12 +70,10 @@ def config_from_state_dict(state_dict: dict[str, Tensor], **overrides) -> RWKV5C
     """Infer vocab, width, depth, head size and FFN size from the shapes of an (official) RWKV-5.2 state dict."""
     if any(".time_maa" in k or ".time_decay_w1" in k for k in state_dict):
         raise ValueError("this state dict has time_maa_* / time_decay_w1 keys: it is RWKV-6, not RWKV-5")
-    required = ("emb.weight", "blocks.0.att.time_decay", "blocks.0.att.time_faaaa", "blocks.0.att.key.weight",
-                "blocks.0.att.gate.weight", "blocks.0.att.ln_x.weight", "blocks.0.ffn.key.weight", "head.weight")
-    missing = [k for k in required if k not in state_dict]
-    if missing:
-        raise KeyError(f"not an RWKV-5.2 state dict: missing {missing}")
-    vocab_size, n_embd = state_dict["emb.weight"].shape
+    required = ("blocks.0.att.time_decay", "blocks.0.att.time_faaaa", "blocks.0.att.key.weight",
+                "blocks.0.att.gate.weight", "blocks.0.att.ln_x.weight", "head.weight")
+    fields = official_common_fields(state_dict, required, "RWKV-5.2", "world")
+    n_embd = fields["n_embd"]
     decay = state_dict["blocks.0.att.time_decay"]
     if decay.dim() != 2 or decay.shape[1] < 2:
         raise ValueError(f"blocks.0.att.time_decay has shape {tuple(decay.shape)}, not [H, N] with N > 1: only "
@@ -87,11 +83,7 @@ def config_from_state_dict(state_dict: dict[str, Tensor], **overrides) -> RWKV5C
         raise ValueError(f"attention width {n_head} x {head_size} (time_decay), att.key.weight "
                          f"{tuple(state_dict['blocks.0.att.key.weight'].shape)}: only dim_att = n_embd = {n_embd} "
                          "is supported")
-    layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
-    fields = dict(vocab_size=vocab_size, n_embd=n_embd, n_layer=max(layers) + 1, head_size=head_size,
-                  dim_ffn=state_dict["blocks.0.ffn.key.weight"].shape[0],
-                  tokenizer=_TOKENIZER_BY_VOCAB.get(vocab_size, "world"))
-    return RWKV5Config(**{**fields, **overrides})
+    return RWKV5Config(**{**fields, "head_size": head_size, **overrides})
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: RWKV5LM) -> dict[str, Tensor]:

@@ -11,7 +11,6 @@ from the other versions' and `config_from_state_dict` reads the sizes off their 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +20,7 @@ from blocks.rwkv6 import RWKV6Block, state_rows
 
 from ..registry import register_model
 from . import rwkv4
-from .rwkv4 import _TOKENIZER_BY_VOCAB, RWKV4Config, RWKV4LM
+from .rwkv4 import RWKV4Config, RWKV4LM, official_common_fields
 
 __all__ = ["RWKV6Config", "RWKV6LM", "checkpoint_filter_fn", "config_from_state_dict", "to_official_state_dict",
            "is_state_dict"]
@@ -77,16 +76,14 @@ def is_state_dict(state_dict: dict[str, Tensor]) -> bool:
     return all(f"blocks.0.att.{name}" in state_dict for name in ("time_maa_x", "time_maa_w1", "time_decay_w1"))
 
 
-_REQUIRED = ("emb.weight", "blocks.0.att.key.weight", "blocks.0.att.time_maa_w2", "blocks.0.att.time_decay_w1",
-             "blocks.0.att.time_faaaa", "blocks.0.ffn.key.weight")
+_REQUIRED = ("blocks.0.att.key.weight", "blocks.0.att.time_maa_w2", "blocks.0.att.time_decay_w1",
+             "blocks.0.att.time_faaaa")
 
 
 def config_from_state_dict(state_dict: dict[str, Tensor], **overrides) -> RWKV6Config:
     """Vocab, width, depth, head size, FFN size and LoRA ranks, read off the shapes of an official RWKV-6 state dict."""
-    missing = [k for k in _REQUIRED if k not in state_dict]
-    if missing:
-        raise KeyError(f"not an RWKV-6 state dict: missing {missing}")
-    vocab_size, n_embd = state_dict["emb.weight"].shape
+    fields = official_common_fields(state_dict, _REQUIRED, "RWKV-6", "world")
+    n_embd = fields["n_embd"]
     bonus = state_dict["blocks.0.att.time_faaaa"]
     if bonus.dim() != 2 or bonus.numel() != n_embd:
         raise ValueError(f"blocks.0.att.time_faaaa has shape {tuple(bonus.shape)}, but RWKV-6's is [n_head, head_size] "
@@ -97,11 +94,8 @@ def config_from_state_dict(state_dict: dict[str, Tensor], **overrides) -> RWKV6C
     mix_w2 = state_dict["blocks.0.att.time_maa_w2"]
     if mix_w2.dim() != 3 or mix_w2.shape[0] != 5:
         raise ValueError(f"blocks.0.att.time_maa_w2 has shape {tuple(mix_w2.shape)}, but RWKV-6's is [5, rank, n_embd]")
-    layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
-    fields = dict(vocab_size=vocab_size, n_embd=n_embd, n_layer=max(layers) + 1, head_size=bonus.shape[1],
-                  dim_ffn=state_dict["blocks.0.ffn.key.weight"].shape[0], mix_lora=mix_w2.shape[1],
-                  decay_lora=state_dict["blocks.0.att.time_decay_w1"].shape[1],
-                  tokenizer=_TOKENIZER_BY_VOCAB.get(vocab_size, "world"))
+    fields.update(head_size=bonus.shape[1], mix_lora=mix_w2.shape[1],
+                  decay_lora=state_dict["blocks.0.att.time_decay_w1"].shape[1])
     return RWKV6Config(**{**fields, **overrides})
 
 

@@ -9,7 +9,6 @@ tensor [n_layer, head_size + 2, B, C] whatever the sequence length: per layer at
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +19,7 @@ from blocks.rwkv7 import RWKV7Block
 
 from ..registry import register_model
 from ._validate import check_tokens
-from .rwkv4 import _TOKENIZER_BY_VOCAB, RWKV4Config, RWKV4LM
+from .rwkv4 import RWKV4Config, RWKV4LM, official_common_fields
 
 __all__ = ["RWKV7Config", "RWKV7LM", "official_lora_ranks", "checkpoint_filter_fn", "config_from_state_dict",
            "to_official_state_dict", "is_state_dict"]
@@ -120,19 +119,16 @@ def _shape(state_dict: dict[str, Tensor], key: str) -> tuple[int, ...]:
 def config_from_state_dict(state_dict: dict[str, Tensor], **overrides) -> RWKV7Config:
     """Infer vocab, width, depth, head size, FFN size and LoRA sizes from an official RWKV-7 state dict's shapes."""
     value_key = "blocks.1.att.v1" if "blocks.1.att.v1" in state_dict else "blocks.0.att.v1"
-    required = ("emb.weight", *_SIGNATURE, "blocks.0.att.w1", "blocks.0.att.a1", "blocks.0.att.g1",
-                "blocks.0.ffn.key.weight")
-    missing = [k for k in required if k not in state_dict]
-    if missing:
-        raise KeyError(f"not an RWKV-7 state dict: missing {missing}")
+    fields = official_common_fields(state_dict, (*_SIGNATURE, "blocks.0.att.w1", "blocks.0.att.a1", "blocks.0.att.g1"),
+                                    "RWKV-7", "neox")
     if any(".s_emb" in k for k in state_dict):
         raise ValueError("this RWKV-7 state dict has DeepEmbed tensors (ffn.s_emb): that variant is not supported")
-    vocab_size, n_embd = _shape(state_dict, "emb.weight")
+    n_embd = fields["n_embd"]
     n_head, head_size = _shape(state_dict, "blocks.0.att.r_k")
     if n_head * head_size != n_embd:
         raise ValueError(f"blocks.0.att.r_k is [{n_head}, {head_size}] but emb.weight has width {n_embd}: "
                          f"n_head * head_size must equal it")
-    dim_ffn, ffn_in = _shape(state_dict, "blocks.0.ffn.key.weight")
+    ffn_in = _shape(state_dict, "blocks.0.ffn.key.weight")[1]
     if ffn_in != n_embd:
         raise ValueError(f"blocks.0.ffn.key.weight is {_shape(state_dict, 'blocks.0.ffn.key.weight')}, "
                          f"its input size is not the width {n_embd}")
@@ -144,10 +140,7 @@ def config_from_state_dict(state_dict: dict[str, Tensor], **overrides) -> RWKV7C
         rows, ranks[name] = _shape(state_dict, key)
         if rows != n_embd:
             raise ValueError(f"{key} is {_shape(state_dict, key)}, expected [{n_embd}, rank]")
-    layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
-    fields = dict(vocab_size=vocab_size, n_embd=n_embd, n_layer=max(layers) + 1, head_size=head_size,
-                  dim_ffn=dim_ffn, tokenizer=_TOKENIZER_BY_VOCAB.get(vocab_size, "neox"),
-                  **{f"{name}_lora": rank for name, rank in ranks.items()})
+    fields.update(head_size=head_size, **{f"{name}_lora": rank for name, rank in ranks.items()})
     return RWKV7Config(**{**fields, **overrides})
 
 
