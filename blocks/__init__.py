@@ -1,6 +1,6 @@
 """Shared layers and ops of the zoo: WKV and Bi-WKV, token shift, RWKV-4..7 time-mix and channel-mix, attention."""
 
-from .attention import CausalSelfAttention, GPTBlock
+from .attention import CausalSelfAttention, GPTBlock, KVCache
 from .biwkv import biwkv, biwkv_parallel, biwkv_recurrent, biwkv_reference
 from .biwkv6 import biwkv6, biwkv6_reference
 from .rrwkv import RRWKVBlock, RRWKVChannelMix, RRWKVTimeMix
@@ -15,7 +15,7 @@ from .wkv6 import wkv6, wkv6_chunked, wkv6_reference, wkv6_step
 from .wkv7 import wkv7, wkv7_chunked, wkv7_reference, wkv7_step
 
 __all__ = [
-    "CausalSelfAttention", "GPTBlock", "STATE_ROWS", "RWKV4Block", "RWKV4ChannelMix", "RWKV4TimeMix",
+    "CausalSelfAttention", "GPTBlock", "KVCache", "STATE_ROWS", "RWKV4Block", "RWKV4ChannelMix", "RWKV4TimeMix",
     "RWKV5Block", "RWKV5TimeMix", "RWKV6Block", "RWKV6ChannelMix", "RWKV6TimeMix",
     "RWKV7Block", "RWKV7ChannelMix", "RWKV7TimeMix", "RRWKVBlock", "RRWKVChannelMix", "RRWKVTimeMix",
     "biwkv", "biwkv_parallel", "biwkv_recurrent", "biwkv_reference", "biwkv6", "biwkv6_reference",

@@ -247,6 +247,15 @@ def _cmd_bench_mqar(args) -> None:
         sys.exit(f"zoo bench mqar: {e}")
 
 
+def _cmd_bench_lm(args) -> None:
+    from .bench_lm import bench_lm
+
+    try:
+        bench_lm(args.json, args.plot, tuple(args.sizes), tuple(args.parts), package=not args.no_package)
+    except (RuntimeError, ValueError) as e:
+        sys.exit(f"zoo bench lm: {e}")
+
+
 def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
     kinds = p.add_subparsers(dest="bench", required=True, metavar="KIND")
@@ -264,6 +273,18 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--json", default="bench_vision.json", help="where to write the rows")
     v.add_argument("--plot", default="bench_vision.png", help="where to write the plot")
     v.set_defaults(func=_cmd_bench_vision)
+    lm = kinds.add_parser("lm", help="rwkv4 against gpt: training, decoding, generation; the rwkv package (GPU)",
+                          description="Training tokens/s at T = 1024/4096/16384, per-token decoding latency and "
+                                      "memory after 1k..64k tokens of context, batched generation throughput, and "
+                                      "RWKV-4 at batch 1 against the rwkv package (ms/token, 1024-token prefill), in "
+                                      "one process; print tables (RWKV / GPT ratios), write JSON and a PNG plot.")
+    lm.add_argument("--sizes", nargs="+", default=["169m", "430m"], help="registered sizes of rwkv4-* and gpt-*")
+    lm.add_argument("--parts", nargs="+", default=["train", "decode", "batched", "rnn"],
+                    choices=["train", "decode", "batched", "rnn"])
+    lm.add_argument("--no-package", action="store_true", help="skip the rwkv package in the rnn part")
+    lm.add_argument("--json", default="bench_lm.json", help="where to write the rows")
+    lm.add_argument("--plot", default="bench_lm.png", help="where to write the plot")
+    lm.set_defaults(func=_cmd_bench_lm)
     q = kinds.add_parser("mqar", help="MQAR recall and throughput of language models at equal size and steps",
                          description="Train every model x task x seed from scratch on multi-query associative recall "
                                      "(same batches, optimizer and steps), score held-out sequences, time a training "

@@ -85,3 +85,36 @@ def test_vrwkv_on_cuda_matches_cpu_fp64_and_trains_under_bf16():
         loss = torch.nn.functional.cross_entropy(model(x.float().cuda()), torch.tensor([1, 2], device="cuda"))
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,compile", [("rwkv4-tiny", False), ("rwkv4-tiny", True), ("rwkv7-tiny", False),
+                                          ("gpt-tiny", False)])
+def test_cuda_graph_decoding_matches_parallel_forward(name, compile):
+    """zoo.decode's captured step (CUDA graph, optionally compiled) against one parallel forward, fp32."""
+    from zoo.decode import RNNDecoder, make_decoder
+
+    torch.manual_seed(0)
+    model = zoo.create_model(name, n_layer=2).cuda().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        idx = torch.randint(0, 256, (2, 40), device="cuda")
+        full = model(idx)
+    decoder = RNNDecoder(model, 2, compile=compile) if compile else make_decoder(model, 2, capacity=40)
+    assert decoder.path.endswith("cuda-graph")
+    out = [decoder.prefill(idx[:, :10])] + [decoder.step(idx[:, t].cpu()).clone() for t in range(10, 39)]
+    assert decoder.graph is not None
+    assert rel_err(torch.stack(out, 1), full[:, 9:]) < 1e-5
+
+
+def test_bench_lm_runs_on_tiny_models(tmp_path):
+    from eval.bench_lm import bench_lm
+
+    result = bench_lm(str(tmp_path / "lm.json"), str(tmp_path / "lm.png"), sizes=("tiny",), package=False)
+    assert {r["seq_len"] for r in result["train"]} == {1024, 4096, 16384}
+    assert all(r["tokens_per_s"] > 0 for r in result["train"] + result["batched"])
+    assert {r["context"] for r in result["decode"] if r["arch"] == "gpt"} == {1024, 4096, 16384, 65536}
+    assert all(r["path"] == "cuda-graph" for r in result["decode"])
+    assert [r["impl"] for r in result["rnn"]] == ["ours (eager)", "ours (cuda-graph)", "ours (compile+cuda-graph)"]
+    assert all(r["rnn_vs_prefill_max_abs"] < 0.05 for r in result["rnn"])
+    assert (tmp_path / "lm.png").stat().st_size > 0

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from .decode import make_decoder
+
 __all__ = ["sample_logits", "generate"]
 
 
@@ -35,25 +37,27 @@ def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_
 @torch.no_grad()
 def generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
-    """Yield new token ids. RWKV models prefill in parallel mode, then step in RNN mode (constant state);
-    other models re-read a window of their context for each token."""
+    """Yield new token ids. The prompt is read in parallel, then each token takes one decoding step (zoo.decode: an
+    RNN state for RWKV, a KV cache for GPT; a CUDA graph on CUDA). A GPT whose context would outgrow ctx_len
+    re-reads its last ctx_len tokens for every token instead."""
     if not prompt_ids:
         raise ValueError("the prompt must hold at least one token")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
     idx = torch.tensor([prompt_ids], device=device)
-    stateful = hasattr(model, "forward_rnn")
-    if stateful:
-        logits, state = model(idx, return_state=True)
-        logits = logits[:, -1]
+    ctx_len = model.config.ctx_len
+    windowed = not hasattr(model, "forward_rnn") and len(prompt_ids) + max_new_tokens > ctx_len
+    if windowed:
+        logits = model(idx[:, -ctx_len:])[:, -1]
+    else:
+        decoder = make_decoder(model, 1, capacity=len(prompt_ids) + max_new_tokens)
+        logits = decoder.prefill(idx)
     for _ in range(max_new_tokens):
-        if not stateful:
-            idx = idx[:, -model.config.ctx_len:]
-            logits = model(idx)[:, -1]
         token = sample_logits(logits, temperature, top_k, top_p, generator)
         yield int(token)
-        if stateful:
-            logits, state = model.forward_rnn(token, state)
+        if windowed:
+            idx = torch.cat([idx, token[:, None]], dim=1)[:, -ctx_len:]
+            logits = model(idx)[:, -1]
         else:
-            idx = torch.cat([idx, token[:, None]], dim=1)
+            logits = decoder.step(token)

@@ -6,6 +6,12 @@ import torch
 from torch import Tensor
 
 
+def _capturing(idx: Tensor) -> bool:
+    """True while a CUDA graph is being captured: reading values would synchronise, which capture forbids (a graph's
+    owner checks its inputs before each replay instead)."""
+    return idx.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_tokens(idx: Tensor, vocab_size: int, device: torch.device) -> None:
     """idx must be an integer tensor [B, T] with T >= 1, on `device`, with ids in [0, vocab_size)."""
     if not isinstance(idx, Tensor):
@@ -16,7 +22,7 @@ def check_tokens(idx: Tensor, vocab_size: int, device: torch.device) -> None:
         raise ValueError(f"token ids must have shape [B, T] with T >= 1, got {tuple(idx.shape)}")
     if idx.device != device:
         raise ValueError(f"token ids are on {idx.device} but the model is on {device}")
-    if idx.numel() and not torch.compiler.is_compiling():
+    if idx.numel() and not torch.compiler.is_compiling() and not _capturing(idx):
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= vocab_size:
             bad = hi if hi >= vocab_size else lo

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from blocks import GPTBlock
+from blocks import GPTBlock, KVCache
 
 from ..registry import register_model
 from ._validate import check_tokens
@@ -60,17 +60,36 @@ class GPTLM(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, idx: Tensor) -> Tensor:
-        """idx: [B, T] with T <= ctx_len. Returns logits [B, T, V]."""
+    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+        """idx: [B, T] with T <= ctx_len. Returns logits [B, T, V]. With a cache (new_cache), the tokens continue the
+        cached ones: their keys and values are added to it, and positions count on from cache.filled."""
         check_tokens(idx, self.config.vocab_size, self.wte.weight.device)
         T = idx.shape[1]
-        if T > self.config.ctx_len:
-            raise ValueError(f"sequence length {T} exceeds this GPT's ctx_len={self.config.ctx_len}")
-        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
-        for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() \
-                else block(x)
+        start = 0 if cache is None else cache.filled
+        if start + T > self.config.ctx_len:
+            raise ValueError(f"sequence length {start + T} exceeds this GPT's ctx_len={self.config.ctx_len}")
+        if cache is not None and start + T > cache.capacity:
+            raise ValueError(f"the KV cache holds {cache.capacity} positions; {start} filled, {T} more given")
+        positions = torch.arange(T, device=idx.device) + (0 if cache is None else cache.length)
+        x = self.wte(idx) + self.wpe(positions)
+        for i, block in enumerate(self.blocks):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cache, i, positions, use_reentrant=False)
+            else:
+                x = block(x, cache, i, positions)
+        if cache is not None:
+            cache.length += T
+            cache.filled += T
         return self.head(self.ln_f(x))
+
+    def new_cache(self, batch_size: int, capacity: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache for `capacity` positions (default ctx_len), in the weights' dtype unless given."""
+        c = self.config
+        capacity = c.ctx_len if capacity is None else capacity
+        if not 1 <= capacity <= c.ctx_len:
+            raise ValueError(f"a KV cache holds 1 to ctx_len={c.ctx_len} positions, got {capacity}")
+        return KVCache(c.n_layer, batch_size, c.heads, c.n_embd // c.heads, capacity, self.wte.weight.device,
+                       dtype or self.wte.weight.dtype)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward instead of keeping them (timm's API)."""

@@ -1,0 +1,201 @@
+"""Fast autoregressive decoding: a prompt read in parallel, then one token per step with static shapes.
+
+    decoder = make_decoder(model, batch_size=1)
+    logits = decoder.prefill(prompt_ids)        # [B, T] -> logits of the last position [B, V]
+    logits = decoder.step(next_ids)             # [B] -> [B, V]
+
+RWKV models (anything with forward_rnn) keep their constant-size RNN state (RNNDecoder); GPT keeps a KV cache of
+fixed capacity (KVDecoder). On CUDA, the step is captured once in a CUDA graph and replayed: one launch per token
+instead of hundreds, which is what bounds small models at batch 1 (the `rwkv` package runs a 169M RWKV-4 at
+6 ms/token for this reason). The logits a step returns live in a static buffer that the next step overwrites.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from .models._validate import check_tokens
+
+__all__ = ["RNNDecoder", "KVDecoder", "make_decoder"]
+
+log = logging.getLogger(__name__)
+
+
+class _GraphedStep:
+    """A step with static inputs and outputs: `_run()` reads self.tokens and writes self.logits; on CUDA it is
+    recorded once in a CUDA graph (after warm-up runs on a side stream, as torch.cuda.graphs asks) and replayed."""
+
+    def __init__(self, model: nn.Module, batch_size: int, cuda_graph: bool | None, prefill_chunk: int = 4096):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.batch_size = batch_size
+        self.use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        if self.use_graph and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a model on a CUDA device; this one is on {self.device}")
+        self.tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.logits: Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.prefill_chunk = prefill_chunk
+
+    @torch.no_grad()
+    def prefill(self, idx: Tensor) -> Tensor:
+        """Read idx [B, T] after whatever was read before, in chunks of prefill_chunk tokens (the logits of a whole
+        chunk are computed, so that bounds memory); returns the last position's logits [B, V]."""
+        if idx.dim() != 2 or idx.shape[0] != self.batch_size:
+            raise ValueError(f"prefill takes token ids of shape [{self.batch_size}, T], got {tuple(idx.shape)}")
+        for chunk in idx.split(self.prefill_chunk, dim=1):
+            logits = self._prefill_chunk(chunk)
+        return logits[:, -1]
+
+    def _prefill_chunk(self, idx: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def path(self) -> str:
+        return "cuda-graph" if self.use_graph else "eager"
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _save(self) -> None:
+        """Snapshot of the state a warm-up or capture run advances, restored afterwards."""
+        raise NotImplementedError
+
+    def _restore(self) -> None:
+        raise NotImplementedError
+
+    def _capture(self) -> None:
+        self._save()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._run()
+        self._restore()
+        log.info("%s: decoding step captured in a CUDA graph (batch %d)", type(self).__name__, self.batch_size)
+
+    @torch.no_grad()
+    def step(self, token_ids: Tensor) -> Tensor:
+        """One token per row, token_ids [B]: returns the logits [B, V] (a static buffer, overwritten next step)."""
+        if not isinstance(token_ids, Tensor) or tuple(token_ids.shape) != (self.batch_size,):
+            shape = tuple(token_ids.shape) if isinstance(token_ids, Tensor) else type(token_ids).__name__
+            raise ValueError(f"step takes token ids of shape [{self.batch_size}], got {shape}")
+        check_tokens(token_ids[:, None], self.model.config.vocab_size, token_ids.device)  # ids on a GPU: one sync
+        self._before_step()
+        self.tokens.copy_(token_ids, non_blocking=True)
+        if not self.use_graph:
+            self._run()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+        self._after_step()
+        return self.logits
+
+    def _before_step(self) -> None:
+        pass
+
+    def _after_step(self) -> None:
+        pass
+
+
+class RNNDecoder(_GraphedStep):
+    """RWKV decoding: parallel (kernel) prefill in chunks with the state carried, then RNN steps.
+
+    Its logits equal the model's parallel forward over the same tokens (the three modes of RWKV4LM agree)."""
+
+    def __init__(self, model: nn.Module, batch_size: int = 1, cuda_graph: bool | None = None,
+                 compile: bool = False):
+        super().__init__(model, batch_size, cuda_graph)
+        self.state = model.init_state(batch_size, self.device)
+        self.compiled = compile
+        self.forward_rnn = torch.compile(model.forward_rnn, fullgraph=True) if compile else model.forward_rnn
+        self._saved: Tensor | None = None
+
+    @property
+    def path(self) -> str:
+        return ("compiled+" if self.compiled else "") + super().path
+
+    def _prefill_chunk(self, idx: Tensor) -> Tensor:
+        logits, state = self.model(idx, state=self.state, return_state=True)
+        self.state.copy_(state)
+        return logits
+
+    def reset(self) -> None:
+        self.state.copy_(self.model.init_state(self.batch_size, self.device))
+
+    def _run(self) -> None:
+        logits, state = self.forward_rnn(self.tokens, self.state)
+        self.state.copy_(state)
+        if self.logits is None:
+            self.logits = torch.empty_like(logits)
+        self.logits.copy_(logits)
+
+    def _save(self) -> None:
+        self._saved = self.state.clone()
+
+    def _restore(self) -> None:
+        self.state.copy_(self._saved)
+        self._saved = None
+
+
+class KVDecoder(_GraphedStep):
+    """Transformer decoding over a KV cache of `capacity` positions: a causal (flash) prefill, then steps that
+    attend over the whole cache, masked to the filled positions, so that every step has the same shapes."""
+
+    def __init__(self, model: nn.Module, batch_size: int = 1, capacity: int | None = None,
+                 cuda_graph: bool | None = None, dtype: torch.dtype | None = None):
+        super().__init__(model, batch_size, cuda_graph)
+        self.cache = model.new_cache(batch_size, capacity, dtype)
+        self._saved: tuple[Tensor, int] | None = None
+
+    def _prefill_chunk(self, idx: Tensor) -> Tensor:
+        return self.model(idx, self.cache)
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def _before_step(self) -> None:
+        if self.cache.filled >= self.cache.capacity:
+            raise ValueError(f"the KV cache is full ({self.cache.capacity} positions)")
+        if self.cache.filled == 0:
+            raise ValueError("KVDecoder.step needs a prefill first (at least one token)")
+
+    def _after_step(self) -> None:
+        if self.use_graph:  # a replay advanced cache.length on the device; the host count follows
+            self.cache.filled += 1
+
+    def _run(self) -> None:
+        logits = self.model(self.tokens[:, None], self.cache)[:, 0]
+        if self.logits is None:
+            self.logits = torch.empty_like(logits)
+        self.logits.copy_(logits)
+
+    def _save(self) -> None:
+        self._saved = (self.cache.length.clone(), self.cache.filled)
+
+    def _restore(self) -> None:
+        length, filled = self._saved
+        self.cache.length.copy_(length)
+        self.cache.filled = filled
+        self._saved = None
+        # positions written by the warm-up and capture runs lie beyond `filled`: masked out, then overwritten
+
+
+def make_decoder(model: nn.Module, batch_size: int = 1, capacity: int | None = None,
+                 cuda_graph: bool | None = None) -> RNNDecoder | KVDecoder:
+    """The decoder for this model: RNNDecoder for RWKV models (forward_rnn), KVDecoder for GPT (new_cache)."""
+    if hasattr(model, "forward_rnn"):
+        return RNNDecoder(model, batch_size, cuda_graph)
+    if hasattr(model, "new_cache"):
+        return KVDecoder(model, batch_size, capacity, cuda_graph)
+    raise TypeError(f"{type(model).__name__} has neither an RNN mode (forward_rnn) nor a KV cache (new_cache)")
