@@ -141,11 +141,15 @@ class RWKV6ChannelMix(nn.Module):
         nn.init.zeros_(self.receptance.weight)
         nn.init.zeros_(self.value.weight)
 
+    def mix(self, x: Tensor, shifted: Tensor) -> Tensor:
+        """The channel mix of tokens x [B, T, C] and their token-shifted neighbours."""
+        delta = shifted - x
+        k = torch.square(torch.relu(self.key(x + delta * self.time_maa_k)))
+        return torch.sigmoid(self.receptance(x + delta * self.time_maa_r)) * self.value(k)
+
     def forward(self, x: Tensor, x_prev: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x: [B, T, C]; x_prev: [B, C] or None. Returns (out, last token of x)."""
-        delta = token_shift(x, x_prev) - x
-        k = torch.square(torch.relu(self.key(x + delta * self.time_maa_k)))
-        return torch.sigmoid(self.receptance(x + delta * self.time_maa_r)) * self.value(k), x[:, -1]
+        return self.mix(x, token_shift(x, x_prev)), x[:, -1]
 
 
 class RWKV6Block(ResidualBlock):

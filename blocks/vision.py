@@ -17,11 +17,11 @@ from torch import Tensor, nn
 
 from .biwkv import biwkv
 from .biwkv6 import biwkv6
-from .rwkv4 import channel_mix_init, time_mix_init
-from .rwkv6 import RWKV6TimeMix
+from .rwkv4 import channel_mix_init, orthogonal_init_, time_mix_init
+from .rwkv6 import GROUP_NORM_EPS, RWKV6ChannelMix, RWKV6TimeMix
 
 __all__ = ["q_shift", "bi_token_shift", "TOKEN_SHIFTS", "shift_mixes", "VRWKVSpatialMix", "VRWKV6SpatialMix",
-           "VRWKVChannelMix", "VRWKVBlock"]
+           "VRWKVChannelMix", "BiRWKV6ChannelMix", "VRWKVBlock"]
 
 
 def q_shift(x: Tensor, resolution: tuple[int, int], head_size: int | None = None) -> Tensor:
@@ -102,10 +102,12 @@ class VRWKV6SpatialMix(RWKV6TimeMix):
     """Vision-RWKV-6's spatial mix: RWKV-6's time mix (data-dependent token-shift interpolation and decay, bonus,
     GroupNorm with eps 1e-5, SiLU gate; blocks.rwkv6) with Q-Shift inside every head for the token shift and the
     bidirectional WKV-6 (blocks.biwkv6) for the causal one:
-        r, k, v, g, d = projections(x, Q-Shift_heads(x));   out = W_o(GroupNorm_H(biwkv6(r, k, v, d, u)) * g)."""
+        r, k, v, g, d = projections(x, Q-Shift_heads(x));   out = W_o(GroupNorm_H(biwkv6(r, k, v, d, u)) * g).
+    With token_shift="bi" and group_norm_eps=64e-5 it is RWKV-CLIP's text-tower time mix."""
 
-    def __init__(self, dim: int, layer_id: int, depth: int, head_size: int = 64, token_shift: str | Callable = "q"):
-        super().__init__(dim, layer_id, depth, head_size, group_norm_eps=1e-5)
+    def __init__(self, dim: int, layer_id: int, depth: int, head_size: int = 64, token_shift: str | Callable = "q",
+                 group_norm_eps: float = 1e-5):
+        super().__init__(dim, layer_id, depth, head_size, group_norm_eps=group_norm_eps)
         shift = TOKEN_SHIFTS.get(token_shift, token_shift)
         self.shift = partial(shift, head_size=head_size) if token_shift in TOKEN_SHIFTS else shift
 
@@ -135,22 +137,48 @@ class VRWKVChannelMix(nn.Module):
         return torch.sigmoid(self.receptance(xr)) * self.value(k)
 
 
+class BiRWKV6ChannelMix(RWKV6ChannelMix):
+    """RWKV-6's channel mix (blocks.rwkv6, official names time_maa_k/r) over a two-sided token shift: RWKV-CLIP's
+    text-tower FFN. With x' = token_shift(x, resolution) and hidden mlp_ratio * C:
+        x_* = x + (x' - x) * time_maa_*;   out = sigmoid(W_r x_r) * W_v(relu(W_k x_k)^2).
+    RWKV-CLIP's init: time_maa_k = time_maa_r = 1 - (c/C)^(1 - l/L); W_k orthogonal, gain 0.5 sqrt(hidden/C);
+    W_r, W_v zero."""
+
+    def __init__(self, dim: int, layer_id: int, depth: int, mlp_ratio: float, token_shift: Callable):
+        super().__init__(dim, int(dim * mlp_ratio), layer_id, depth)
+        self.time_maa_k = nn.Parameter(1 - channel_mix_init(dim, layer_id, depth))
+        self.time_maa_r = nn.Parameter(1 - channel_mix_init(dim, layer_id, depth))
+        self.shift = token_shift
+
+    def reset_parameters(self) -> None:
+        orthogonal_init_(self.key.weight, gain=0.5)
+        nn.init.zeros_(self.receptance.weight)
+        nn.init.zeros_(self.value.weight)
+
+    def forward(self, x: Tensor, resolution: tuple[int, int] | None) -> Tensor:
+        return self.mix(x, self.shift(x, resolution))
+
+
 class VRWKVBlock(nn.Module):
     """Pre-norm: x = x + drop(gamma * mix(LN(x))); post-norm: x = x + drop(gamma * LN(mix(x))), for the spatial
     mix (ln1, gamma1) then the channel mix (ln2, gamma2); gamma (layer scale) only when `layer_scale` gives its
     init. Block 0 first applies ln0 to the patch embeddings. `token_shift`: "q" (Q-Shift on the image grid given as
     `resolution`), "bi" (the text towers' bidirectional shift; `resolution` unused) or a function (x, resolution).
     `version` 4: Vision-RWKV's spatial mix (Bi-WKV); 6: Vision-RWKV-6's (VRWKV6SpatialMix), whose named token shifts
-    work inside each head of `head_size` channels in both mixes."""
+    work inside each head of `head_size` channels in both mixes. `lm_layers` (version 6): RWKV-6's language-model
+    layers made bidirectional, as in RWKV-CLIP's text tower: GroupNorm eps 64e-5 and RWKV-6's channel mix
+    (BiRWKV6ChannelMix) instead of Vision-RWKV-6's eps 1e-5 and VRWKVChannelMix."""
 
     def __init__(self, dim: int, layer_id: int, depth: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
                  layer_scale: float | None = None, post_norm: bool = False, key_norm: bool = False,
-                 token_shift: str | Callable = "q", version: int = 4, head_size: int = 64):
+                 token_shift: str | Callable = "q", version: int = 4, head_size: int = 64, lm_layers: bool = False):
         super().__init__()
         if version not in (4, 6):
             raise ValueError(f"VRWKVBlock version must be 4 or 6, got {version}")
         if version == 6 and key_norm:
             raise ValueError("key_norm is not offered with version 6 (no Vision-RWKV-6 configuration uses it)")
+        if lm_layers and version != 6:
+            raise ValueError(f"lm_layers (RWKV-6's language-model layers) needs version 6, got {version}")
         self.layer_id = layer_id
         self.post_norm = post_norm
         if layer_id == 0:
@@ -158,11 +186,13 @@ class VRWKVBlock(nn.Module):
         self.ln1 = nn.LayerNorm(dim)
         self.ln2 = nn.LayerNorm(dim)
         if version == 6:
-            self.att = VRWKV6SpatialMix(dim, layer_id, depth, head_size, token_shift)
+            self.att = VRWKV6SpatialMix(dim, layer_id, depth, head_size, token_shift,
+                                        GROUP_NORM_EPS if lm_layers else 1e-5)
             token_shift = self.att.shift
         else:
             self.att = VRWKVSpatialMix(dim, layer_id, depth, key_norm, token_shift)
-        self.ffn = VRWKVChannelMix(dim, layer_id, depth, mlp_ratio, key_norm, token_shift)
+        self.ffn = BiRWKV6ChannelMix(dim, layer_id, depth, mlp_ratio, token_shift) if lm_layers else \
+            VRWKVChannelMix(dim, layer_id, depth, mlp_ratio, key_norm, token_shift)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if layer_scale is not None:
             self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale)))

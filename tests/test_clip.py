@@ -29,7 +29,8 @@ def test_bi_token_shift_takes_half_of_each_head_from_each_side():
 
 
 def test_registered_configs_follow_the_paper():
-    assert zoo.list_models("RWKV-CLIP*") == ["RWKV-CLIP-B-16", "RWKV-CLIP-B-32", "RWKV-CLIP-tiny"]
+    assert zoo.list_models("RWKV-CLIP*") == ["RWKV-CLIP-6-B-16", "RWKV-CLIP-6-B-32", "RWKV-CLIP-B-16", "RWKV-CLIP-B-32",
+                                             "RWKV-CLIP-tiny"]     # RWKV-CLIP-6-*: tests/test_rwkv_clip6.py
     info = zoo.model_info("RWKV-CLIP-B-32")
     assert info["family"] == "clip"
     cfg = info["config"]
@@ -37,8 +38,8 @@ def test_registered_configs_follow_the_paper():
             cfg["vocab_size"]) == (640, 12, 32, 6, 77, 49408)
     assert int(cfg["text_width"] * cfg["text_mlp_ratio"]) == 2240 and cfg["image_mlp_ratio"] == 5
     assert zoo.model_info("RWKV-CLIP-B-16")["config"]["patch_size"] == 16
-    with pytest.raises(ValueError, match="RWKV-6 towers come with issue 9"):
-        RWKVCLIPConfig(block="rwkv6-bi")
+    with pytest.raises(ValueError, match="block must be one of rwkv4-bi, rwkv6-bi, got 'rwkv5-bi'"):
+        RWKVCLIPConfig(block="rwkv5-bi")
 
 
 def test_open_clip_interface_on_the_tiny_model(tmp_path):

@@ -65,7 +65,8 @@ def test_block_follows_the_pre_and_post_norm_formulas(post_norm, layer_scale):
     k = att.key(x * att.spatial_mix_k + shifted * (1 - att.spatial_mix_k))
     v = att.value(x * att.spatial_mix_v + shifted * (1 - att.spatial_mix_v))
     r = torch.sigmoid(att.receptance(x * att.spatial_mix_r + shifted * (1 - att.spatial_mix_r)))
-    torch.testing.assert_close(att(x, grid), att.output(r * biwkv(att.spatial_decay / 12, att.spatial_first / 12, k, v)))
+    wkv = biwkv(att.spatial_decay / 12, att.spatial_first / 12, k, v)
+    torch.testing.assert_close(att(x, grid), att.output(r * wkv))
 
 
 @pytest.mark.parametrize("name, millions", [

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .checkpoint import OFFICIAL_LM_FORMATS, load_weights, read_state_dict
-from .models import vrwkv
+from .models import clip, vrwkv
 from .registry import get_entry
 
 __all__ = ["create_model", "create_model_and_transforms", "clip_transforms", "model_info", "build_config", "count_params"]
@@ -40,7 +40,7 @@ def create_model(name: str, pretrained: str | None = None, device=None, dtype: t
         model = entry.model_class(config)
     if pretrained is not None:
         state_dict, meta = read_state_dict(pretrained)
-        official = {**OFFICIAL_LM_FORMATS, "vrwkv": vrwkv}.get(model.arch)
+        official = {**OFFICIAL_LM_FORMATS, "vrwkv": vrwkv, "rwkv-clip": clip}.get(model.arch)
         official_filter = official.checkpoint_filter_fn if official else None
         if meta is None and official_filter is not None:
             state_dict = official_filter(state_dict, model)
