@@ -28,8 +28,10 @@ def token_shift(x: Tensor, prev: Tensor | None = None) -> Tensor:
 
 
 def mix(x: Tensor, x_prev: Tensor, mu: Tensor) -> Tensor:
-    """mu * x + (1 - mu) * x_prev, the per-channel interpolation of RWKV's token shift."""
-    return x * mu + x_prev * (1 - mu)
+    """mu * x + (1 - mu) * x_prev, the per-channel interpolation of RWKV's token shift, as x_prev + mu (x - x_prev)
+    (torch.lerp: one kernel instead of four; decoding a token is bound by the number of kernels)."""
+    dtype = torch.promote_types(x.dtype, mu.dtype)
+    return torch.lerp(x_prev.to(dtype), x.to(dtype), mu.to(dtype))
 
 
 def orthogonal_init_(weight: Tensor, gain: float = 1.0) -> None:

@@ -11,8 +11,9 @@ maximum of the exponents, so nothing overflows (RWKV paper, arXiv 2305.13048, eq
 An empty state is aa = bb = 0, pp = -1e38.
 
 `wkv4` is the op every layer calls: CUDA tensors of the kernel dtypes go to the kernel of
-cuda/wkv.cu (blocks/wkv_cuda.py), everything else to the PyTorch paths below. The path that ran
-is logged once per device type (`zoo -v`, or logging at INFO).
+cuda/wkv.cu (blocks/wkv_cuda.py), everything else to the PyTorch paths below; under torch.compile, one
+token takes the PyTorch step, which inductor fuses with the layer's other elementwise work (decoding).
+The path that ran is logged once per device type (`zoo -v`, or logging at INFO).
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def wkv4(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKV4State | None = N
     incoming state included; pp counts as a normalisation (the state stands for e^pp (aa, bb)).
     """
     _check(w, u, k, v, state)
-    if wkv_cuda.serves(k, v):
+    if wkv_cuda.serves(k, v) and not (k.shape[1] == 1 and torch.compiler.is_compiling()):
         _log_path("wkv4", "cuda-kernel", k.device)
         if state is None:
             state = wkv4_init_state(k.shape[0], k.shape[2], k.device)

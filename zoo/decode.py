@@ -15,11 +15,14 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from blocks.wkv import wkv4_step
 
 from .models._validate import check_tokens
 
-__all__ = ["RNNDecoder", "KVDecoder", "make_decoder"]
+__all__ = ["RNNDecoder", "RWKV4Step", "KVDecoder", "make_decoder"]
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +49,10 @@ class _GraphedStep:
     def prefill(self, idx: Tensor) -> Tensor:
         """Read idx [B, T] after whatever was read before, in chunks of prefill_chunk tokens (the logits of a whole
         chunk are computed, so that bounds memory); returns the last position's logits [B, V]."""
-        if idx.dim() != 2 or idx.shape[0] != self.batch_size:
-            raise ValueError(f"prefill takes token ids of shape [{self.batch_size}, T], got {tuple(idx.shape)}")
+        if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.shape[0] != self.batch_size:
+            shape = tuple(idx.shape) if isinstance(idx, Tensor) else type(idx).__name__
+            raise ValueError(f"prefill takes token ids of shape [{self.batch_size}, T], got {shape}")
+        check_tokens(idx, self.model.config.vocab_size, self.device)  # here: a compiled forward skips the ids' range
         for chunk in idx.split(self.prefill_chunk, dim=1):
             logits = self._prefill_chunk(chunk)
         return logits[:, -1]
@@ -108,17 +113,63 @@ class _GraphedStep:
         pass
 
 
-class RNNDecoder(_GraphedStep):
-    """RWKV decoding: parallel (kernel) prefill in chunks with the state carried, then RNN steps.
+class RWKV4Step(nn.Module):
+    """RWKV-4's RNN step with each layer's token-shift mixes folded into its projections:
 
-    Its logits equal the model's parallel forward over the same tokens (the three modes of RWKV4LM agree)."""
+        W (mu x + (1 - mu) x_prev) = [W diag(mu), W diag(1 - mu)] [x; x_prev],
+
+    so the time-mix's k, v, r come from one matrix product and the channel-mix's k, r from another (4 per layer
+    instead of 7, and no separate mixes). The folded matrices are copies of the weights at construction (about 1.9x
+    the block weights' memory; build a new decoder after changing the weights). Same state layout and logits as
+    RWKV4LM.forward_rnn, up to rounding."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        C = model.config.n_embd
+
+        def folded(*pairs) -> Tensor:
+            return torch.cat([torch.cat([w * mu.view(1, C), w * (1 - mu.view(1, C))], 1) for w, mu in pairs])
+
+        with torch.no_grad():
+            self.time_mix = [folded((b.att.key.weight, b.att.time_mix_k), (b.att.value.weight, b.att.time_mix_v),
+                                    (b.att.receptance.weight, b.att.time_mix_r)) for b in model.blocks]
+            self.channel_mix = [folded((b.ffn.key.weight, b.ffn.time_mix_k), (b.ffn.receptance.weight,
+                                                                              b.ffn.time_mix_r)) for b in model.blocks]
+
+    def forward(self, token_ids: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        m, C = self.model, self.model.config.n_embd
+        x, rows = m.emb(token_ids), []
+        for i, block in enumerate(m.blocks):
+            x = block.ln0(x) if i == 0 else x
+            xa = block.ln1(x)
+            k, v, r = F.linear(torch.cat([xa, state[i, 0].to(x.dtype)], 1), self.time_mix[i]).split(C, 1)
+            w = -torch.exp(block.att.time_decay.float())
+            wkv, (aa, bb, pp) = wkv4_step(w, block.att.time_first.float(), k.float(), v.float(), tuple(state[i, 1:4]))
+            x = x + block.att.output(torch.sigmoid(r) * wkv.to(x.dtype))
+            xf = block.ln2(x)
+            k, r = F.linear(torch.cat([xf, state[i, 4].to(x.dtype)], 1), self.channel_mix[i]).split(
+                [block.ffn.key.out_features, C], 1)
+            x = x + torch.sigmoid(r) * block.ffn.value(torch.square(torch.relu(k)))
+            rows.append(torch.stack([xa.to(aa.dtype), aa, bb, pp, xf.to(aa.dtype)]))
+        return m.head(m.ln_out(x)), torch.stack(rows)
+
+
+class RNNDecoder(_GraphedStep):
+    """RWKV decoding: parallel (kernel) prefill in chunks with the state carried, then RNN steps (RWKV-4 through
+    RWKV4Step's folded projections, the other versions through their forward_rnn).
+
+    compile=True runs both through torch.compile (the step's elementwise work fused; the prefill without Python
+    overhead, one compilation per chunk length). Logits equal the model's parallel forward over the same tokens."""
 
     def __init__(self, model: nn.Module, batch_size: int = 1, cuda_graph: bool | None = None,
                  compile: bool = False):
         super().__init__(model, batch_size, cuda_graph)
         self.state = model.init_state(batch_size, self.device)
         self.compiled = compile
-        self.forward_rnn = torch.compile(model.forward_rnn, fullgraph=True) if compile else model.forward_rnn
+        step = RWKV4Step(model) if model.arch == "rwkv4" else model.forward_rnn
+        self.forward_rnn = torch.compile(step, fullgraph=True) if compile else step
+        self.forward = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
         self._saved: Tensor | None = None
 
     @property
@@ -126,7 +177,7 @@ class RNNDecoder(_GraphedStep):
         return ("compiled+" if self.compiled else "") + super().path
 
     def _prefill_chunk(self, idx: Tensor) -> Tensor:
-        logits, state = self.model(idx, state=self.state, return_state=True)
+        logits, state = self.forward(idx, state=self.state, return_state=True)
         self.state.copy_(state)
         return logits
 
@@ -154,8 +205,9 @@ class KVDecoder(_GraphedStep):
 
     def __init__(self, model: nn.Module, batch_size: int = 1, capacity: int | None = None,
                  cuda_graph: bool | None = None, dtype: torch.dtype | None = None):
-        super().__init__(model, batch_size, cuda_graph)
         self.cache = model.new_cache(batch_size, capacity, dtype)
+        # one chunk by default: a prompt into an empty cache takes the flash kernel; later chunks a masked attention
+        super().__init__(model, batch_size, cuda_graph, prefill_chunk=self.cache.capacity)
         self._saved: tuple[Tensor, int] | None = None
 
     def _prefill_chunk(self, idx: Tensor) -> Tensor:
