@@ -95,6 +95,15 @@ def _model_args(items: list[str]) -> dict:
     return OmegaConf.to_container(OmegaConf.from_dotlist(items))
 
 
+def _cmd_eval_runs(args) -> None:
+    from .runs import compare_runs
+
+    try:
+        compare_runs(args.runs, args.metric, args.json, args.plot)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"zoo eval runs: {e}")
+
+
 def _cmd_eval_mqar(args) -> None:
     from .mqar import MQARTask, mqar
 
@@ -196,6 +205,15 @@ def _add_lm_harness_suite(suites) -> None:
 
 
 def _add_mqar_suite(suites) -> None:
+    runs = suites.add_parser("runs", help="training runs side by side: a logged metric's curves, final and best values",
+                             description="Read the run folders' metrics.csv and config.yaml; print each model's final "
+                                         "and best value of a metric (mean +- std over its runs), write JSON and a "
+                                         "PNG of the curves.")
+    runs.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    runs.add_argument("--metric", default="val_loss", help="a metrics.csv column (val_loss, val_bpb, val_top1, ...)")
+    runs.add_argument("--json", default=None, help="also write the summary and the curves here")
+    runs.add_argument("--plot", default=None, help="write the curves as a PNG here")
+    runs.set_defaults(func=_cmd_eval_runs)
     q = suites.add_parser("mqar", help="multi-query associative recall: train a language model on it, report accuracy",
                           description="Multi-query associative recall (Zoology's MQAR): a registered language model is "
                                       "built for the task's vocabulary and length and trained from scratch on "

@@ -331,5 +331,5 @@ def _train(cfg: ClassifyConfig, ranks) -> dict:
             _save(out_dir / "checkpoints" / f"step_{done:07d}", model, optimizer, scheduler, done, cfg, ranks)
     if logger is not None:
         logger.close()
-    save_final_model(model, out_dir / "model", cfg.model, ranks)
+    save_final_model(model, out_dir / "model", cfg, ranks)
     return {"final": metrics, "model_dir": str(out_dir / "model")}

@@ -334,5 +334,5 @@ def _train(cfg: ClipConfig, ranks) -> dict:
         if metrics is not None:
             (out_dir / "eval.json").write_text(json.dumps({"model": cfg.model, "epoch": cfg.epochs, **metrics},
                                                           indent=2) + "\n")
-    save_final_model(model, out_dir / "model", cfg.model, ranks)
+    save_final_model(model, out_dir / "model", cfg, ranks)
     return {"final": metrics, "model_dir": str(out_dir / "model")}

@@ -121,6 +121,8 @@ def load_recipe(recipe: str | None, overrides: list[str] = ()):
         if task not in schemas:
             raise RecipeError(f"task must be one of {', '.join(schemas)}, got {task!r}")
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schemas[task]), given))
+        if task == "classify" and _timm_only(cfg.model):  # timm's own classifiers (e.g. DeiT) as baselines
+            return cfg
         family = get_entry(cfg.model).family
         if family != TASK_FAMILIES[task]:
             raise RecipeError(f"{cfg.model} is a {family} model; task {task} trains {TASK_FAMILIES[task]} models "
@@ -129,6 +131,13 @@ def load_recipe(recipe: str | None, overrides: list[str] = ()):
         return cfg
     except (OmegaConfBaseException, yaml.YAMLError, FileNotFoundError, UnknownModelError, TypeError) as e:
         raise RecipeError(f"invalid recipe {recipe or '(defaults)'}: {e}") from None
+
+
+def _timm_only(name: str) -> bool:
+    """A model timm has and the zoo's registry does not."""
+    import timm
+
+    return name not in list_models() and timm.is_model(name)
 
 
 def _models_of(family: str) -> list[str]:

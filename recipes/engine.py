@@ -244,7 +244,7 @@ def _save(path: Path, model: nn.Module, optimizer, scheduler, step: int, cfg: Tr
             dcp.save({"optimizer": optim_state}, checkpoint_id=tmp / OPTIMIZER_DIR)
         ranks.barrier()
         if ranks.is_main:
-            write_model_files(_unwrapped(model), tmp, cfg.model, state_dict=weights)
+            _write_model(model, tmp, cfg, weights)
             _inject_fault("kill_while_saving", step)
             torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
                         "recipe": asdict(cfg), "world_size": ranks.world_size}, tmp / TRAINER_STATE)
@@ -301,13 +301,22 @@ def announce(cfg, out_dir: Path, summary: str) -> None:
     tqdm.write(summary)
 
 
-def save_final_model(model: nn.Module, path: Path, name: str, ranks: Ranks) -> None:
+def save_final_model(model: nn.Module, path: Path, cfg, ranks: Ranks) -> None:
     """The trained model's full weights (gathered from every rank) as a native checkpoint, written by rank 0."""
     weights = _full_weights(model)
     if ranks.is_main:
         with atomic_dir(path) as tmp:
-            write_model_files(_unwrapped(model), tmp, name, state_dict=weights)
+            _write_model(model, tmp, cfg, weights)
     ranks.barrier()
+
+
+def _write_model(model: nn.Module, directory: Path, cfg, weights: dict) -> None:
+    """A recipe's model files; a timm baseline the zoo does not register (no `arch`) with the arguments that rebuild
+    it: the recipe's model_args, img_size and the head's class count."""
+    model = _unwrapped(model)
+    timm_kwargs = None if hasattr(model, "arch") else {**cfg.model_args, "img_size": cfg.img_size,
+                                                       "num_classes": model.num_classes}
+    write_model_files(model, directory, cfg.model, state_dict=weights, timm_kwargs=timm_kwargs)
 
 
 def _inject_fault(event: str, step: int) -> None:
@@ -494,6 +503,6 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
         bar.close()
         if logger is not None:
             logger.close()
-    save_final_model(model, out_dir / "model", cfg.model, ranks)
+    save_final_model(model, out_dir / "model", cfg, ranks)
     return {"first_val": first_val, "final_val": val, "model_dir": str(out_dir / "model"),
             "checkpoint": str(last_good) if last_good else None}

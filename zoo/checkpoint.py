@@ -66,13 +66,17 @@ def atomic_dir(path: str | os.PathLike):
 
 
 def write_model_files(model: nn.Module, directory: Path, name: str | None = None,
-                      state_dict: dict[str, Tensor] | None = None) -> None:
+                      state_dict: dict[str, Tensor] | None = None, timm_kwargs: dict | None = None) -> None:
     """Write model.safetensors and config.json into an existing directory (the weights: `state_dict`, e.g.
-    gathered from shards, or the model's own)."""
+    gathered from shards, or the model's own). A timm model the zoo does not register (a DeiT baseline) is written
+    as arch "timm": its timm name and the keyword arguments that rebuild it (`timm_kwargs`)."""
     state_dict = model.state_dict() if state_dict is None else state_dict
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     save_file(tensors, str(directory / WEIGHTS))
-    meta = {"format": FORMAT, "arch": model.arch, "name": name, "config": asdict(model.config)}
+    if timm_kwargs is not None:
+        meta = {"format": FORMAT, "arch": "timm", "name": name, "config": timm_kwargs}
+    else:
+        meta = {"format": FORMAT, "arch": model.arch, "name": name, "config": asdict(model.config)}
     (directory / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -134,6 +138,10 @@ def load_weights(model: nn.Module, state_dict: dict[str, Tensor], source: str = 
 
 
 def _model_from_config(meta: dict, overrides: dict) -> nn.Module:
+    if meta["arch"] == "timm":
+        import timm
+
+        return timm.create_model(meta["name"], **{**meta["config"], **overrides})
     cls = arch_class(meta["arch"])
     return cls(cls.config_class(**{**meta["config"], **overrides}))
 
