@@ -8,8 +8,9 @@ Parts (all on random weights of the registered shapes; speed does not depend on 
              a step is the whole streaming loop: step, greedy pick, the token back on the host;
   - batched: generation throughput (new tokens/s over the batch) after a 512-token prompt;
   - rnn:     RWKV-4 at batch 1 against the `rwkv` package (strategy "cuda fp16", its CUDA kernel on) on the same
-             fp16 weights: ms/token in RNN mode (eager, CUDA graph, torch.compile + CUDA graph), 1024-token prefill
-             through the parallel kernel, and the largest logit differences (prefill vs RNN mode; ours vs package).
+             fp16 weights: ms/token in RNN mode and a 1024-token prefill through the parallel kernel, eager, in CUDA
+             graphs, and compiled (torch.compile, default and max-autotune) in CUDA graphs; the largest logit
+             differences (prefill vs RNN mode; ours vs package).
 """
 
 from __future__ import annotations
@@ -192,8 +193,10 @@ def rnn_vs_package(size: str = "169m", prompt: int = 1024, steps: int = 64, pack
     tokens = torch.randint(0, model.config.vocab_size, (1, prompt), device="cuda")
     rows = []
     reference = None
-    for variant in ("eager", "cuda-graph", "compile+cuda-graph"):
-        decoder = RNNDecoder(model, 1, cuda_graph=variant != "eager", compile=variant.startswith("compile"))
+    variants = {"eager": (False, False), "cuda-graph": (True, False), "compile+cuda-graph": (True, True),
+                "compile(max-autotune)+cuda-graph": (True, "max-autotune-no-cudagraphs")}
+    for variant, (graph, compile) in variants.items():
+        decoder = RNNDecoder(model, 1, cuda_graph=graph, compile=compile)
         prefill_logits = decoder.prefill(tokens).float()
         first = prefill_logits.argmax(-1).cpu()
         _greedy_loop(decoder, first, 8)

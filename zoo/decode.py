@@ -13,6 +13,7 @@ instead of hundreds, which is what bounds small models at batch 1 (the `rwkv` pa
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ from .models._validate import check_tokens
 __all__ = ["RNNDecoder", "RWKV4Step", "KVDecoder", "make_decoder"]
 
 log = logging.getLogger(__name__)
+
+PREFILL_GRAPHS = 4
+"""CUDA graphs of RNNDecoder.prefill kept, one per chunk length."""
 
 
 class _GraphedStep:
@@ -54,10 +58,11 @@ class _GraphedStep:
             raise ValueError(f"prefill takes token ids of shape [{self.batch_size}, T], got {shape}")
         check_tokens(idx, self.model.config.vocab_size, self.device)  # here: a compiled forward skips the ids' range
         for chunk in idx.split(self.prefill_chunk, dim=1):
-            logits = self._prefill_chunk(chunk)
-        return logits[:, -1]
+            last = self._prefill_chunk(chunk)
+        return last
 
     def _prefill_chunk(self, idx: Tensor) -> Tensor:
+        """Read one chunk; return its last position's logits [B, V]."""
         raise NotImplementedError
 
     @property
@@ -74,19 +79,21 @@ class _GraphedStep:
     def _restore(self) -> None:
         raise NotImplementedError
 
-    def _capture(self) -> None:
+    def _capture(self, run) -> torch.cuda.CUDAGraph:
+        """`run` recorded in a CUDA graph, after two warm-up runs on a side stream (as torch.cuda.graphs asks);
+        whatever the runs advance (state, cache position) is put back."""
         self._save()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._run()
+                run()
         torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._run()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
         self._restore()
-        log.info("%s: decoding step captured in a CUDA graph (batch %d)", type(self).__name__, self.batch_size)
+        return graph
 
     @torch.no_grad()
     def step(self, token_ids: Tensor) -> Tensor:
@@ -101,7 +108,8 @@ class _GraphedStep:
             self._run()
         else:
             if self.graph is None:
-                self._capture()
+                self.graph = self._capture(self._run)
+                log.info("%s: decoding step captured in a CUDA graph (batch %d)", type(self).__name__, self.batch_size)
             self.graph.replay()
         self._after_step()
         return self.logits
@@ -159,27 +167,54 @@ class RNNDecoder(_GraphedStep):
     """RWKV decoding: parallel (kernel) prefill in chunks with the state carried, then RNN steps (RWKV-4 through
     RWKV4Step's folded projections, the other versions through their forward_rnn).
 
-    compile=True runs both through torch.compile (the step's elementwise work fused; the prefill without Python
-    overhead, one compilation per chunk length). Logits equal the model's parallel forward over the same tokens."""
+    compile=True (or a torch.compile mode) runs both through torch.compile (the elementwise work fused; one
+    compilation per prefill chunk length). On CUDA, steps and prefill chunks replay CUDA graphs. Logits equal the
+    model's parallel forward over the same tokens."""
 
     def __init__(self, model: nn.Module, batch_size: int = 1, cuda_graph: bool | None = None,
-                 compile: bool = False):
+                 compile: bool | str = False):
         super().__init__(model, batch_size, cuda_graph)
         self.state = model.init_state(batch_size, self.device)
-        self.compiled = compile
+        self.compiled = bool(compile)
+        mode = compile if isinstance(compile, str) else None  # a torch.compile mode, e.g. max-autotune-no-cudagraphs
         step = RWKV4Step(model) if model.arch == "rwkv4" else model.forward_rnn
-        self.forward_rnn = torch.compile(step, fullgraph=True) if compile else step
-        self.forward = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
+        self.forward_rnn = torch.compile(step, fullgraph=True, mode=mode) if compile else step
+        self.forward = torch.compile(model, fullgraph=True, dynamic=False, mode=mode) if compile else model
+        self._prefill_graphs: OrderedDict[int, tuple] = OrderedDict()
         self._saved: Tensor | None = None
 
     @property
     def path(self) -> str:
         return ("compiled+" if self.compiled else "") + super().path
 
-    def _prefill_chunk(self, idx: Tensor) -> Tensor:
+    def _read(self, idx: Tensor) -> Tensor:
         logits, state = self.forward(idx, state=self.state, return_state=True)
         self.state.copy_(state)
-        return logits
+        return logits[:, -1]
+
+    def _prefill_chunk(self, idx: Tensor) -> Tensor:
+        """Eager, or on CUDA a graph per chunk length (the last PREFILL_GRAPHS lengths kept): a prefill of a model
+        this size is bound by the host's launches, not by the GPU."""
+        if not self.use_graph:
+            return self._read(idx)
+        T = idx.shape[1]
+        if T not in self._prefill_graphs:
+            tokens, last = torch.zeros_like(idx), torch.empty(0, device=self.device)
+
+            def run():
+                logits = self._read(tokens)
+                if last.numel() == 0:
+                    last.resize_(logits.shape)
+                last.copy_(logits)
+
+            self._prefill_graphs[T] = (self._capture(run), tokens, last)
+            if len(self._prefill_graphs) > PREFILL_GRAPHS:
+                self._prefill_graphs.popitem(last=False)
+        self._prefill_graphs.move_to_end(T)
+        graph, tokens, last = self._prefill_graphs[T]
+        tokens.copy_(idx)
+        graph.replay()
+        return last
 
     def reset(self) -> None:
         self.state.copy_(self.model.init_state(self.batch_size, self.device))
@@ -211,7 +246,7 @@ class KVDecoder(_GraphedStep):
         self._saved: tuple[Tensor, int] | None = None
 
     def _prefill_chunk(self, idx: Tensor) -> Tensor:
-        return self.model(idx, self.cache)
+        return self.model(idx, self.cache)[:, -1]
 
     def reset(self) -> None:
         self.cache.reset()
