@@ -18,7 +18,7 @@ __all__ = ["read_run", "compare_runs"]
 
 
 def read_run(folder: str | Path, metric: str) -> dict:
-    """{"dir", "model", "seed", "curve": [(step, value), ...]} of one run folder."""
+    """{"dir", "model" (the recipe's model and its model_args), "seed", "curve": [(step, value), ...]} of a run."""
     folder = Path(folder)
     if not (folder / "metrics.csv").exists():
         raise FileNotFoundError(f"{folder} is not a run folder: it has no metrics.csv")
@@ -30,8 +30,10 @@ def read_run(folder: str | Path, metric: str) -> dict:
     curve = [(int(r["step"]), float(r[metric])) for r in rows if r.get(metric) not in ("", None)]
     if not curve:
         raise ValueError(f"{folder} logged no {metric} yet")
-    return {"dir": str(folder), "model": config.get("model", folder.name), "seed": config.get("seed"),
-            "curve": curve}
+    model = config.get("model", folder.name)
+    if config.get("model_args"):
+        model += " (" + ", ".join(f"{k}={v}" for k, v in config["model_args"].items()) + ")"
+    return {"dir": str(folder), "model": model, "seed": config.get("seed"), "curve": curve}
 
 
 def _spread(values: list[float]) -> dict:
@@ -53,9 +55,10 @@ def compare_runs(folders: list[str], metric: str = "val_loss", out_json: str | N
                           "best": _spread([best(v for _, v in r["curve"]) for r in mine]),
                           "final_step": [r["curve"][-1][0] for r in mine]}
     print(f"{metric}: final and {'highest' if higher_is_better else 'lowest'} logged value, mean +- std over runs")
-    print(f"{'model':<28} {'runs':>4} {'final':>18} {'best':>18}")
+    width = max(28, *(len(m) for m in summary))
+    print(f"{'model':<{width}} {'runs':>4} {'final':>18} {'best':>18}")
     for model, s in summary.items():
-        print(f"{model:<28} {len(s['runs']):>4} {s['final']['mean']:>10.4f} +- {s['final']['std']:<5.3f} "
+        print(f"{model:<{width}} {len(s['runs']):>4} {s['final']['mean']:>10.4f} +- {s['final']['std']:<5.3f} "
               f"{s['best']['mean']:>10.4f} +- {s['best']['std']:<5.3f}")
     if out_json:
         Path(out_json).write_text(json.dumps({"metric": metric, "summary": summary, "runs": runs}, indent=2) + "\n")
