@@ -168,12 +168,15 @@ class RNNDecoder(_GraphedStep):
     RWKV4Step's folded projections, the other versions through their forward_rnn).
 
     compile=True (or a torch.compile mode) runs both through torch.compile (the elementwise work fused; one
-    compilation per prefill chunk length). On CUDA, steps and prefill chunks replay CUDA graphs. Logits equal the
-    model's parallel forward over the same tokens."""
+    compilation per prefill chunk length). On CUDA, steps replay a CUDA graph, and prefill chunks too with
+    graph_prefill. Logits equal the model's parallel forward over the same tokens."""
 
     def __init__(self, model: nn.Module, batch_size: int = 1, cuda_graph: bool | None = None,
-                 compile: bool | str = False):
+                 compile: bool | str = False, graph_prefill: bool = False):
         super().__init__(model, batch_size, cuda_graph)
+        if graph_prefill and not self.use_graph:
+            raise ValueError("graph_prefill needs cuda_graph (a model on a CUDA device)")
+        self.graph_prefill = graph_prefill
         self.state = model.init_state(batch_size, self.device)
         self.compiled = bool(compile)
         mode = compile if isinstance(compile, str) else None  # a torch.compile mode, e.g. max-autotune-no-cudagraphs
@@ -193,9 +196,9 @@ class RNNDecoder(_GraphedStep):
         return logits[:, -1]
 
     def _prefill_chunk(self, idx: Tensor) -> Tensor:
-        """Eager, or on CUDA a graph per chunk length (the last PREFILL_GRAPHS lengths kept): a prefill of a model
-        this size is bound by the host's launches, not by the GPU."""
-        if not self.use_graph:
+        """Eager, or with graph_prefill a CUDA graph per chunk length (the last PREFILL_GRAPHS lengths kept; a graph
+        pays when chunks of one length recur, as when serving: its capture costs three reads of the chunk)."""
+        if not self.graph_prefill:
             return self._read(idx)
         T = idx.shape[1]
         if T not in self._prefill_graphs:
