@@ -175,6 +175,7 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     _add_run_args(r, batch_size=64)
     r.set_defaults(func=_cmd_eval_retrieval)
     _add_mqar_suite(suites)
+    _add_runs_suite(suites)
     _add_lm_harness_suite(suites)
 
 
@@ -204,7 +205,7 @@ def _add_lm_harness_suite(suites) -> None:
     h.set_defaults(func=_cmd_eval_lm_harness)
 
 
-def _add_mqar_suite(suites) -> None:
+def _add_runs_suite(suites) -> None:
     runs = suites.add_parser("runs", help="training runs side by side: a logged metric's curves, final and best values",
                              description="Read the run folders' metrics.csv and config.yaml; print each model's final "
                                          "and best value of a metric (mean +- std over its runs), write JSON and a "
@@ -214,6 +215,9 @@ def _add_mqar_suite(suites) -> None:
     runs.add_argument("--json", default=None, help="also write the summary and the curves here")
     runs.add_argument("--plot", default=None, help="write the curves as a PNG here")
     runs.set_defaults(func=_cmd_eval_runs)
+
+
+def _add_mqar_suite(suites) -> None:
     q = suites.add_parser("mqar", help="multi-query associative recall: train a language model on it, report accuracy",
                           description="Multi-query associative recall (Zoology's MQAR): a registered language model is "
                                       "built for the task's vocabulary and length and trained from scratch on "
