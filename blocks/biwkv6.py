@@ -6,7 +6,8 @@ caption tokens, where every token reads the whole sequence). Per head, with deca
 the decay between two tokens being the product over the tokens between them, the same in both directions (no
 division by T, unlike RWKV-4's Bi-WKV), and the bonus u counted once, for the token itself. Computed as the causal
 WKV-6 (blocks.wkv6, which holds the part s <= t) plus the causal WKV-6 of the reversed sequence without the bonus
-(the part s > t), as Vision-RWKV-6's kernel does with its forward and backward scans.
+(the part s > t), as Vision-RWKV-6's kernel does with its forward and backward scans. On CUDA the reversed scan is the
+WKV-6 kernel walking the sequence from its end (cuda/wkv_matrix.cu), so nothing is flipped in memory.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .wkv6 import wkv6
+from . import wkv_cuda
+from .wkv import _compute_dtype, _log_path
+from .wkv6 import _check, wkv6
 
 __all__ = ["biwkv6", "biwkv6_reference"]
 
@@ -38,6 +41,17 @@ def biwkv6_reference(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor) -> T
 def biwkv6(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor) -> Tensor:
     """Bidirectional WKV-6 of r, k, v, w (decay logits d, w = exp(-exp(d))): [B, T, H*N], u: [H, N]; returns y
     [B, T, C] in v's dtype (float32 arithmetic, float64 for float64 inputs; differentiable in all inputs)."""
+    _check(r, k, v, w, u, None)
+    B, T, C = k.shape
+    H, N = u.shape
+    if wkv_cuda.serves_heads("biwkv6", N, r, k, v, w):
+        _log_path("biwkv6", "cuda-kernel", k.device)
+        tokens = [x.reshape(B, T, H, N) for x in (r, k, v, w)]
+        empty = k.new_zeros(B, H, N, N, dtype=_compute_dtype(k))
+        forward, _ = torch.ops.zoo.wkv6_forward(*tokens, u, empty, False)
+        backward, _ = torch.ops.zoo.wkv6_forward(*tokens, torch.zeros_like(u), empty, True)
+        return (forward + backward).view(B, T, C)
+    _log_path("biwkv6", "torch-wkv6", k.device)
     forward, _ = wkv6(r, k, v, w, u)
     flip = [x.flip(1) for x in (r, k, v, w)]
     backward, _ = wkv6(*flip, torch.zeros_like(u))

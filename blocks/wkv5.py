@@ -8,7 +8,7 @@ in (0, 1)^N per key channel and the bonus u = time_faaaa (Eagle and Finch, arXiv
 
 so y_t = r_t^T (diag(u) k_t v_t^T + sum_{i<t} diag(w)^{t-1-i} k_i v_i^T + diag(w)^t S_{-1}): WKV-6 with the decay
 logits d_t = time_decay at every token. The reference, the chunked form and the entry point here are WKV-6's on the
-heads laid out as channels and time_decay broadcast over the tokens; `wkv5` is where a kernel of its own would go.
+heads laid out as channels and time_decay broadcast over the tokens, so CUDA tensors take WKV-6's kernel.
 """
 
 from __future__ import annotations
@@ -72,5 +72,4 @@ def wkv5(r: Tensor, k: Tensor, v: Tensor, time_decay: Tensor, u: Tensor,
     the last token in the arithmetic dtype). Differentiable in all inputs, the incoming state included.
     """
     _check(r, k, v, time_decay, u, state)
-    # A CUDA kernel for RWKV-5 goes here, dispatched as wkv4 dispatches to its kernel (blocks/wkv_cuda.py).
     return _as_wkv6(wkv6, r, k, v, time_decay, u, state)

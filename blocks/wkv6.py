@@ -11,8 +11,8 @@ that is, from a state S_0 before token 1, y_t = sum_{s<t} (sum_i r_{t,i} k_{s,i}
 + (sum_i r_{t,i} u_i k_{t,i}) v_t + (r_t * prod_{j<t} w_j)^T S_0. An empty state is S = 0. The layout of S is the
 `rwkv` package's ([.., i, j]: key channel i, value channel j).
 
-`wkv6` is the op the layers call. There is no CUDA kernel for it yet; `wkv6` is the single place that would send
-CUDA tensors to one (as `blocks.wkv.wkv4` does through blocks/wkv_cuda.py). Everything runs the PyTorch forms below.
+`wkv6` is the op the layers call: CUDA tensors of the kernel dtypes and head sizes go to the kernel of
+cuda/wkv_matrix.cu (blocks/wkv_cuda.py), everything else to the PyTorch forms below; the path that ran is logged once.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import wkv_cuda
 from .wkv import _compute_dtype, _log_path
 
 __all__ = ["wkv6", "wkv6_chunked", "wkv6_reference", "wkv6_step"]
@@ -130,11 +131,15 @@ def wkv6(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | 
     token in the arithmetic dtype). Differentiable in all inputs, the incoming state included.
     """
     _check(r, k, v, w, u, state)
-    # A WKV-6 CUDA kernel, once written, is dispatched here (wkv_cuda.serves(...), as in blocks.wkv.wkv4).
-    if k.shape[1] == 1:
+    B, T, C = k.shape
+    H, N = u.shape
+    if wkv_cuda.serves_heads("wkv6", N, r, k, v, w):
+        _log_path("wkv6", "cuda-kernel", k.device)
+        init = k.new_zeros(B, H, N, N, dtype=_compute_dtype(k)) if state is None else state
+        y, state = torch.ops.zoo.wkv6_forward(*(x.reshape(B, T, H, N) for x in (r, k, v, w)), u, init, False)
+        return y.view(B, T, C), state
+    if T == 1:
         _log_path("wkv6", "torch-step", k.device)
-        B, _, C = k.shape
-        H, N = u.shape
         dt = _compute_dtype(r, k, v, w)
         state = k.new_zeros(B, H, N, N, dtype=dt) if state is None else state.to(dt)
         y, state = wkv6_step(*(x.to(dt).view(B, H, N) for x in (r, k, v, w)), u.to(dt), state)

@@ -8,7 +8,8 @@ w_t in (0, 1] is the decay, given as log_w = log w_t <= 0. RWKV-7 passes a = -kk
 unit-norm key of each head, iclr the in-context learning rate in (0, 1)): S_{t-1} (I - kk (iclr kk)^T) removes
 part of what the state holds along kk before v k^T is written, the generalised delta rule of the paper (eq. 14).
 
-`wkv7` is the op the layers call: one token goes to `wkv7_step`, longer inputs to `wkv7_chunked`.
+`wkv7` is the op the layers call: CUDA tensors of the kernel dtypes and head sizes go to the kernel of
+cuda/wkv_matrix.cu (blocks/wkv_cuda.py); otherwise one token goes to `wkv7_step`, longer inputs to `wkv7_chunked`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import wkv_cuda
 from .wkv import _compute_dtype, _log_path
 
 __all__ = ["wkv7", "wkv7_chunked", "wkv7_reference", "wkv7_step", "DEFAULT_CHUNK_LEN"]
@@ -149,11 +151,18 @@ def wkv7(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
     last token in the arithmetic dtype). Differentiable in all inputs, the incoming state included.
     """
     _check(r, log_w, k, v, a, b, state)
-    # A CUDA kernel for RWKV-7 would be dispatched here, as wkv4 does with wkv_cuda.serves().
-    if k.shape[1] == 1:
+    B, T, H, N = k.shape
+    inputs = (r, log_w, k, v, a, b)
+    if wkv_cuda.serves_heads("wkv7", N, *inputs):
+        _log_path("wkv7", "cuda-kernel", k.device)
+        init = k.new_zeros(B, H, N, N, dtype=_compute_dtype(k)) if state is None else state
+        # the backward needs S_{t-1} a_t of every token, kept only when a gradient may be asked for
+        keep_sa = torch.is_grad_enabled() and any(x.requires_grad for x in (*inputs, init))
+        y, new_state, _ = torch.ops.zoo.wkv7_forward(*inputs, init, keep_sa)
+        return y, new_state
+    if T == 1:
         _log_path("wkv7", "torch-step", k.device)
-        dt = _compute_dtype(r, log_w, k, v, a, b)
-        B, _, H, N = k.shape
+        dt = _compute_dtype(*inputs)
         init = k.new_zeros(B, H, N, N, dtype=dt) if state is None else state.to(dt)
         y, new_state = wkv7_step(*(x[:, 0].to(dt) for x in (r, log_w, k, v, a, b)), init)
         return y[:, None].to(v.dtype), new_state

@@ -6,6 +6,11 @@ with --official-sources; never copied into this repo), and torch SDPA flash atte
 size (bf16, heads of 64 channels; causal for the causal cases, full for Bi-WKV). Times are medians of
 CUDA-event timings; the byte floor counts each tensor that must be read or written once (forward: k, v,
 wkv; backward adds k, v, wkv, d_wkv read and d_k, d_v written), over the measured copy bandwidth.
+
+The matrix-state rows (WKV-6, bidirectional WKV-6, WKV-7 at B=8 T=4096 C=2048, heads of 64, bf16) put ours beside
+flash-linear-attention's Triton chunk_rwkv6 / chunk_rwkv7 when `fla` is importable (an optional extra), at the same
+math: fla gets the log decays (-exp(d) for WKV-6, log_w for WKV-7) and scale 1; its floor counts the token tensors
+(r, k, v, w, and a, b for WKV-7) and y once each, and for fwd+bwd their gradients and d_y as well.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ import torch.nn.functional as F
 
 from blocks import wkv_cuda
 from blocks.biwkv import biwkv
+from blocks.biwkv6 import biwkv6
 from blocks.wkv import wkv4
+from blocks.wkv6 import wkv6
+from blocks.wkv7 import wkv7
 
-__all__ = ["bench_kernels", "time_ms", "official_kernel", "CASES"]
+__all__ = ["bench_kernels", "time_ms", "official_kernel", "CASES", "MATRIX_CASES"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,10 @@ CASES = (Case("causal", torch.float32, False, (8, 4096, 2048)), Case("causal", t
          Case("causal", torch.bfloat16, True, (8, 4096, 2048)), Case("bi", torch.float32, False, (1, 16384, 768)),
          Case("bi", torch.bfloat16, True, (4, 16384, 768)))
 """The sizes of issue 3's targets."""
+
+MATRIX_CASES = tuple((op, backward) for op in ("wkv6", "wkv7", "biwkv6") for backward in (False, True))
+MATRIX_SHAPE, MATRIX_HEAD = (8, 4096, 2048), 64
+"""Issue 9's target size: B=8 T=4096 C=2048, heads of 64, bf16."""
 
 
 def time_ms(fn, warmup: int = 3, reps: int = 10, calls: int = 10) -> float:
@@ -98,7 +110,7 @@ def bench_kernels(out_json: str | None = None, official_sources: str | None = No
     """Run every row, print the table, write JSON; returns the rows."""
     if not torch.cuda.is_available():
         raise RuntimeError("needs a CUDA GPU")
-    if not wkv_cuda.available():
+    if not (wkv_cuda.available() and wkv_cuda.available("matrix")):
         raise RuntimeError(f"our kernels are not available: {wkv_cuda.status()}")
     bandwidth = _copy_bandwidth()
     sources = _official_sources(official_sources)
@@ -107,14 +119,17 @@ def bench_kernels(out_json: str | None = None, official_sources: str | None = No
     rows: list[dict] = []
     g = torch.Generator(device="cuda").manual_seed(0)
 
+    def add_row(name, floor, impl, fn):
+        ms = time_ms(fn)
+        rows.append({"case": name, "impl": impl, "ms": ms, "GB/s": floor / ms / 1e6,
+                     "pct_copy_bw": 100 * floor / (ms * 1e-3) / bandwidth, "floor_ms": floor / bandwidth * 1e3})
+
     for case in CASES:
         B, T, C = case.shape
         floor = (9 if case.backward else 3) * B * T * C * case.dtype.itemsize
 
         def add(impl, fn):
-            ms = time_ms(fn)
-            rows.append({"case": case.name, "impl": impl, "ms": ms, "GB/s": floor / ms / 1e6,
-                         "pct_copy_bw": 100 * floor / (ms * 1e-3) / bandwidth, "floor_ms": floor / bandwidth * 1e3})
+            add_row(case.name, floor, impl, fn)
 
         k, v = (torch.randn(B, T, C, device="cuda", dtype=case.dtype, generator=g) for _ in range(2))
         if case.op == "causal":
@@ -134,18 +149,72 @@ def bench_kernels(out_json: str | None = None, official_sources: str | None = No
         del k, v, gy, q, kk, vv
         torch.cuda.empty_cache()
 
+    fla = _matrix_rows(add_row, g)
+
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     print(f"official kernel: {sources if official is not None else 'not found (install the oracles extra)'}")
-    print(f"{'case':<36} {'impl':<42} {'ms':>7} {'floor':>7} {'GB/s':>7} {'%copy':>6} {'t/t_ours':>8}")
+    print(f"fla (flash-linear-attention): {fla}")
+    print(f"{'case':<40} {'impl':<42} {'ms':>7} {'floor':>7} {'GB/s':>7} {'%copy':>6} {'t/t_ours':>8}")
     for row in rows:
         ours_ms = next(r["ms"] for r in rows if r["case"] == row["case"] and r["impl"] == "ours")
         row["ours_speedup"] = row["ms"] / ours_ms
-        print(f"{row['case']:<36} {row['impl']:<42} {row['ms']:>7.3f} {row['floor_ms']:>7.3f} {row['GB/s']:>7.0f} "
+        print(f"{row['case']:<40} {row['impl']:<42} {row['ms']:>7.3f} {row['floor_ms']:>7.3f} {row['GB/s']:>7.0f} "
               f"{row['pct_copy_bw']:>5.0f}% {row['ours_speedup']:>7.2f}x")
     if out_json:
         Path(out_json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                               "copy_bandwidth": bandwidth, "rows": rows}, indent=2) + "\n")
     return rows
+
+
+def _fla_ops():
+    """fla's chunk_rwkv6 and chunk_rwkv7, and a line saying which fla (or why none)."""
+    try:
+        import fla
+        from fla.ops.rwkv6 import chunk_rwkv6
+        from fla.ops.rwkv7 import chunk_rwkv7
+    except ImportError as e:
+        return None, None, f"not installed ({e})"
+    return chunk_rwkv6, chunk_rwkv7, f"fla {getattr(fla, '__version__', '?')}"
+
+
+def _matrix_rows(add_row, g: torch.Generator) -> str:
+    """The matrix-state rows, ours and fla's; returns the line saying which fla ran."""
+    chunk_rwkv6, chunk_rwkv7, fla = _fla_ops()
+    B, T, C = MATRIX_SHAPE
+    H, N = C // MATRIX_HEAD, MATRIX_HEAD
+    dt = torch.bfloat16
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", generator=g)
+
+    for op in dict.fromkeys(op for op, _ in MATRIX_CASES):
+        if op == "wkv7":
+            kk = F.normalize(randn(B, T, H, N), dim=-1)
+            log_w = -0.6065 * torch.sigmoid(randn(B, T, H, N))  # RWKV-7's range: w >= exp(-e^{-1/2})
+            ours_in = [x.to(dt) for x in (randn(B, T, H, N), log_w, randn(B, T, H, N), randn(B, T, H, N), -kk,
+                                          kk * torch.rand(B, T, H, N, device="cuda", generator=g))]
+            fla_in = ours_in
+            ours = lambda *x: wkv7(*x)[0]  # noqa: E731
+            anchors = [("fla chunk_rwkv7", lambda *x: chunk_rwkv7(*x, scale=1.0)[0]),
+                       ("fla chunk_rwkv7 lower_bound=-0.61", lambda *x: chunk_rwkv7(*x, scale=1.0,
+                                                                                    lower_bound=-0.6065)[0])]
+        else:
+            r, k, v, d = (randn(B, T, C).to(dt) for _ in range(4))
+            u = randn(H, N) * 0.5
+            ours_in = [r, k, v, d, u]
+            fla_in = [*(x.view(B, T, H, N) for x in (r, k, v)), -torch.exp(d.float()).to(dt).view(B, T, H, N),
+                      u.to(dt)]
+            ours = (lambda *x: wkv6(*x)[0]) if op == "wkv6" else biwkv6
+            anchors = [("fla chunk_rwkv6", lambda *x: chunk_rwkv6(*x, scale=1.0)[0])] if op == "wkv6" else []
+        tensors = 6 if op == "wkv7" else 4
+        gy = randn(B, T, C).to(dt)
+        for impl, fn, inputs in [("ours", ours, ours_in)] + [(a, f, fla_in) for a, f in anchors if chunk_rwkv6]:
+            for backward in (False, True):
+                name = f"{op} {'fwd+bwd' if backward else 'fwd'} bf16 B{B} T{T} C{C} N{N}"
+                floor = ((3 * tensors + 2) if backward else (tensors + 1)) * B * T * C * dt.itemsize
+                add_row(name, floor, impl, _fwd_bwd(fn, inputs, gy.view_as(inputs[0])) if backward
+                        else lambda fn=fn, inputs=inputs: fn(*inputs))
+    return fla
 
 
 def heads(x: torch.Tensor) -> torch.Tensor:

@@ -37,9 +37,10 @@ def _cmd_info(args) -> None:
     if args.kernels:
         from blocks import wkv_cuda
 
-        print(f"wkv4 and biwkv on CUDA tensors: {wkv_cuda.status()}")
+        print("WKV ops on CUDA tensors:\n  " + wkv_cuda.status().replace("\n", "\n  "))
         print("wkv4 on other devices: PyTorch chunked path (torch-step for single tokens)")
         print("biwkv on other devices: PyTorch parallel path (the formula in blocks of query rows)")
+        print("wkv5/wkv6/wkv7, biwkv6 on other devices: PyTorch chunked paths (torch-step for single tokens)")
         if args.name is None:
             return
     if args.name is None:

@@ -1,0 +1,699 @@
+// Matrix-state WKV on CUDA: RWKV-6 (causal, and the reversed scan of the bidirectional form) and RWKV-7, forward
+// and backward, with state in and out.
+//
+// WKV-6 per head (float64 reference: blocks/wkv6.py), S [N, N] with rows = key channels i, columns = value channels j:
+//   y_t = S_{t-1}^T r_t + v_t (r_t . (u * k_t)),   S_t = diag(w_t) S_{t-1} + k_t v_t^T,   w_t = exp(-exp(d_t))
+// WKV-7 per head (float64 reference: blocks/wkv7.py), S with rows = value channels i, columns = key channels j:
+//   S_t = S_{t-1} (diag(w_t) + a_t b_t^T) + v_t k_t^T,   y_t = S_t r_t,   w_t = exp(log_w_t)
+//
+// One block walks one (batch, head) through the sequence; each row or column of S (or of its gradient dS) is held in
+// the registers of kParts threads, which sum their partial dot products with warp shuffles. The per-token vectors a
+// step reads are staged in shared memory kChunk tokens at a time, the next chunk's loads in flight meanwhile.
+//
+// The backward steps no state back (no division by a decay). Every gradient but the decay's needs either the states
+// (a walk forward in time) or their gradients (a walk backward), each in one layout:
+//   WKV-6: S rows (forward) give dr; dS rows (backward) dk, du and dS_0; dS columns (backward) dv; three independent
+//          walks, one launch.
+//   WKV-7: the forward keeps sa_t = S_{t-1} a_t; dS rows (backward) give dv, dsa_t = dS_t b_t and dS_0; then S columns
+//          (forward, from sa) give dr and da, and dS columns (backward, from dsa) dk and db, in one launch.
+// The decay's gradient: scaling the key axis of S_t by e^{-c_t}, c_t = sum_{m<=t} log w_m, removes the decays and
+// scales r, k (and a, b) by e^{+-c} instead, so dL/dc_m is a sum of x dL/dx over those, and dL/dlog w_t =
+// sum_{m>=t} dL/dc_m, a suffix sum (accumulated in fp64):
+//   WKV-6: dL/dc_m = r_{m+1} dr'_{m+1} - k_m dk'_m (+ sum_j dS_T S_T over the row at m = T-1; ' = without the bonus)
+//   WKV-7: dL/dc_m = r_m dr_m - k_m dk_m - b_m db_m + a_{m+1} da_{m+1} (+ sum_i dS_T S_T over the column at m = T-1)
+// Inputs [B, T, H, N] in fp32, bf16 or fp16 (fp32 arithmetic and state) or fp64 (fp64, for gradcheck); any B, T >= 1;
+// head sizes N = 32, 64, 80, 128 (fp64: 32, 64).
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int kChunk = 8;  // tokens staged per shared-memory round
+constexpr int kParts = 4;  // threads per row of a state: each holds N / kParts of the row's elements
+
+template <typename scalar_t>
+using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Element 0 of head h at logical token t in a [B, T, H, N] tensor; reverse: logical time runs from the last token.
+template <int N>
+struct Tokens {
+  int64_t T, H;
+  bool reverse;
+  __device__ __forceinline__ int64_t at(int64_t b, int64_t h, int64_t t) const {
+    return ((b * T + (reverse ? T - 1 - t : t)) * H + h) * N;
+  }
+};
+
+// This thread's share of a row of N elements: row = threadIdx.x / kParts, and of that row the elements in groups of 4
+// consecutive ones, the groups dealt out over the kParts threads in turn (so that they read consecutive 16-byte words
+// of a shared vector together, free of bank conflicts).
+template <int N>
+struct Part {
+  static constexpr int L = N / kParts, Q = L / 4;  // elements held, groups of 4
+  static_assert(N % (4 * kParts) == 0, "head size must be a multiple of 16");
+  int row, part;
+  __device__ __forceinline__ static Part self() { return {int(threadIdx.x) / kParts, int(threadIdx.x) % kParts}; }
+  // f(e, i) for each held element: e its register index, i its index in the row
+  template <typename F>
+  __device__ __forceinline__ void each(F f) const {
+#pragma unroll
+    for (int q = 0; q < Q; ++q)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) f(4 * q + c, 4 * (part + kParts * q) + c);
+  }
+  // the sum of x over the row's kParts threads (consecutive lanes of one warp)
+  template <typename A>
+  __device__ __forceinline__ static A sum(A x) {
+#pragma unroll
+    for (int o = 1; o < kParts; o <<= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+  }
+};
+
+template <typename A>
+__device__ __forceinline__ A sum4(const A (&x)[4]) {
+  return (x[0] + x[1]) + (x[2] + x[3]);
+}
+
+// Walks logical tokens 0..T-1 (or T-1..0 when backward), kChunk at a time. load(t, n, raw) starts this thread's loads
+// of element n of token t (kept raw, so they stay in flight while the previous chunk is processed); stage(raw, slots,
+// n) writes element n of the token's shared vectors; step(t, slots, dot) processes token t, where
+// dot = sum_n slots[kDot][n] (kDot < 0: none). The N * kParts threads stage kChunk / kParts tokens each.
+template <int N, int V, int kDot, typename A, typename Raw, typename Load, typename Stage, typename Step>
+__device__ __forceinline__ void walk(int64_t T, bool backward, A (*smem)[V][N], A* dots, Load load, Stage stage,
+                                     Step step) {
+  constexpr int kPer = kChunk / kParts;
+  const int n = threadIdx.x % N, first = threadIdx.x / N;  // tokens first, first + kParts, ... of each chunk
+  const int64_t chunks = (T + kChunk - 1) / kChunk;
+  auto token = [&](int64_t i) { return backward ? T - 1 - i : i; };
+  Raw raw[kPer];
+  auto fetch = [&](int64_t c) {
+#pragma unroll
+    for (int m = 0; m < kPer; ++m)
+      if (c * kChunk + first + kParts * m < T) load(token(c * kChunk + first + kParts * m), n, raw[m]);
+  };
+  fetch(0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int len = static_cast<int>(T - c * kChunk < kChunk ? T - c * kChunk : kChunk);
+    __syncthreads();  // the previous chunk's readers are done
+#pragma unroll
+    for (int m = 0; m < kPer; ++m)
+      if (first + kParts * m < len) stage(raw[m], smem[first + kParts * m], n);
+    __syncthreads();
+    if (c + 1 < chunks) fetch(c + 1);
+    if constexpr (kDot >= 0) {
+      if (threadIdx.x < len) {
+        A s = 0;
+        for (int i = 0; i < N; ++i) s += smem[threadIdx.x][kDot][i];
+        dots[threadIdx.x] = s;
+      }
+      __syncthreads();
+    }
+    for (int j = 0; j < len; ++j) step(token(c * kChunk + j), smem[j], kDot >= 0 ? dots[j] : A(0));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------- WKV-6
+
+template <typename scalar_t>
+struct Wkv6Raw {
+  scalar_t r, k, d, v;
+};
+
+template <typename scalar_t>
+struct Wkv6Grad {
+  scalar_t r, k, d, v, dy;
+};
+
+template <typename scalar_t, int N>
+__global__ void __launch_bounds__(N * kParts) wkv6_forward_kernel(
+    Tokens<N> g, const scalar_t* __restrict__ r, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
+    const scalar_t* __restrict__ d, const acc_t<scalar_t>* u, const acc_t<scalar_t>* s0, scalar_t* __restrict__ y,
+    acc_t<scalar_t>* s_out) {
+  using A = acc_t<scalar_t>;
+  enum { R, K, W, V, RUK, kSlots };
+  __shared__ __align__(16) A smem[kChunk][kSlots][N];
+  __shared__ A dots[kChunk];
+  const auto p = Part<N>::self();  // row: value channel j; elements: key channels i of S[:, j]
+  const int64_t b = blockIdx.x / g.H, h = blockIdx.x % g.H, head = blockIdx.x * int64_t(N * N);
+  const A un = u[h * N + threadIdx.x % N];
+  A S[Part<N>::L];
+  p.each([&](int e, int i) { S[e] = s0[head + i * N + p.row]; });
+  walk<N, kSlots, RUK, A, Wkv6Raw<scalar_t>>(
+      g.T, false, smem, dots,
+      [&](int64_t t, int n, Wkv6Raw<scalar_t>& x) {
+        const int64_t o = g.at(b, h, t) + n;
+        x = {r[o], k[o], d[o], v[o]};
+      },
+      [&](const Wkv6Raw<scalar_t>& x, A (*s)[N], int n) {
+        s[R][n] = A(x.r);
+        s[K][n] = A(x.k);
+        s[W][n] = exp(-exp(A(x.d)));
+        s[V][n] = A(x.v);
+        s[RUK][n] = A(x.r) * un * A(x.k);
+      },
+      [&](int64_t t, const A (*s)[N], A ruk) {
+        const A vj = s[V][p.row];
+        A acc[4] = {A(0), A(0), A(0), A(0)};
+        p.each([&](int e, int i) {
+          acc[e % 4] += s[R][i] * S[e];
+          S[e] = s[W][i] * S[e] + s[K][i] * vj;
+        });
+        const A out = Part<N>::sum(sum4(acc)) + vj * ruk;
+        if (p.part == 0) y[g.at(b, h, t) + p.row] = static_cast<scalar_t>(out);
+      });
+  p.each([&](int e, int i) { s_out[head + i * N + p.row] = S[e]; });
+}
+
+// Role 0: S rows, forward (dr; shifted[t] = r_{t+1} dr'_{t+1}). Role 1: dS rows, backward (dk, du, dS_0;
+// decay_terms[t] = -k_t dk'_t, plus the final state's term at T-1). Role 2: dS columns, backward (dv).
+template <typename scalar_t, int N>
+__global__ void __launch_bounds__(N * kParts) wkv6_backward_kernel(
+    Tokens<N> g, const scalar_t* __restrict__ r, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
+    const scalar_t* __restrict__ d, const acc_t<scalar_t>* u, const acc_t<scalar_t>* s0,
+    const acc_t<scalar_t>* s_out, const scalar_t* __restrict__ gy, const acc_t<scalar_t>* gs_out,
+    scalar_t* __restrict__ gr, scalar_t* __restrict__ gk, scalar_t* __restrict__ gv, acc_t<scalar_t>* gu_part,
+    acc_t<scalar_t>* gs0, acc_t<scalar_t>* shifted, acc_t<scalar_t>* decay_terms) {
+  using A = acc_t<scalar_t>;
+  enum { R, K, W, V, DY, P, kSlots };  // P: dy * v (rows), r * u * k (columns)
+  __shared__ __align__(16) A smem[kChunk][kSlots][N];
+  __shared__ A dots[kChunk];
+  const int role = blockIdx.y;
+  const auto p = Part<N>::self();  // row: key channel i (roles 0, 1) or value channel j (role 2)
+  const int64_t b = blockIdx.x / g.H, h = blockIdx.x % g.H, head = blockIdx.x * int64_t(N * N);
+  const A un = u[h * N + threadIdx.x % N];  // for staging element threadIdx.x % N
+  const A u_row = u[h * N + p.row];
+  auto load = [&](int64_t t, int n, Wkv6Grad<scalar_t>& x) {
+    const int64_t o = g.at(b, h, t) + n;
+    x = {r[o], k[o], d[o], v[o], gy[o]};
+  };
+  auto stage = [&](const Wkv6Grad<scalar_t>& x, A (*s)[N], int n) {
+    s[R][n] = A(x.r);
+    s[K][n] = A(x.k);
+    s[W][n] = exp(-exp(A(x.d)));
+    s[V][n] = A(x.v);
+    s[DY][n] = A(x.dy);
+    s[P][n] = role == 2 ? A(x.r) * un * A(x.k) : A(x.dy) * A(x.v);
+  };
+  A M[Part<N>::L];  // S or dS: part of row p.row (roles 0, 1) or of column p.row (role 2)
+  if (role == 0) {
+    p.each([&](int e, int j) { M[e] = s0[head + p.row * N + j]; });
+    walk<N, kSlots, P, A, Wkv6Grad<scalar_t>>(g.T, false, smem, dots, load, stage,
+                                             [&](int64_t t, const A (*s)[N], A dyv) {
+                                               const A wi = s[W][p.row], ki = s[K][p.row];
+                                               A acc[4] = {A(0), A(0), A(0), A(0)};
+                                               p.each([&](int e, int j) {
+                                                 acc[e % 4] += M[e] * s[DY][j];
+                                                 M[e] = wi * M[e] + ki * s[V][j];
+                                               });
+                                               const A drn = Part<N>::sum(sum4(acc));
+                                               if (p.part == 0) {
+                                                 const A dr = drn + u_row * ki * dyv;
+                                                 gr[g.at(b, h, t) + p.row] = static_cast<scalar_t>(dr);
+                                                 if (t > 0) shifted[g.at(b, h, t - 1) + p.row] = s[R][p.row] * drn;
+                                               }
+                                             });
+    if (p.part == 0) shifted[g.at(b, h, g.T - 1) + p.row] = A(0);
+  } else if (role == 1) {
+    A fin = 0, du = 0;
+    p.each([&](int e, int j) {
+      M[e] = gs_out[head + p.row * N + j];
+      fin += M[e] * s_out[head + p.row * N + j];
+    });
+    fin = Part<N>::sum(fin);
+    walk<N, kSlots, P, A, Wkv6Grad<scalar_t>>(g.T, true, smem, dots, load, stage,
+                                             [&](int64_t t, const A (*s)[N], A dyv) {
+                                               const A wi = s[W][p.row], ri = s[R][p.row], ki = s[K][p.row];
+                                               A acc[4] = {A(0), A(0), A(0), A(0)};
+                                               p.each([&](int e, int j) {
+                                                 acc[e % 4] += M[e] * s[V][j];
+                                                 M[e] = wi * M[e] + ri * s[DY][j];
+                                               });
+                                               const A dkn = Part<N>::sum(sum4(acc));
+                                               du += ri * ki * dyv;
+                                               if (p.part == 0) {
+                                                 const int64_t o = g.at(b, h, t) + p.row;
+                                                 gk[o] = static_cast<scalar_t>(dkn + u_row * ri * dyv);
+                                                 decay_terms[o] = -ki * dkn + (t == g.T - 1 ? fin : A(0));
+                                               }
+                                             });
+    p.each([&](int e, int j) { gs0[head + p.row * N + j] = M[e]; });
+    if (p.part == 0) gu_part[blockIdx.x * int64_t(N) + p.row] = du;
+  } else {
+    p.each([&](int e, int i) { M[e] = gs_out[head + i * N + p.row]; });
+    walk<N, kSlots, P, A, Wkv6Grad<scalar_t>>(g.T, true, smem, dots, load, stage,
+                                             [&](int64_t t, const A (*s)[N], A ruk) {
+                                               const A dyj = s[DY][p.row];
+                                               A acc[4] = {A(0), A(0), A(0), A(0)};
+                                               p.each([&](int e, int i) {
+                                                 acc[e % 4] += M[e] * s[K][i];
+                                                 M[e] = s[W][i] * M[e] + s[R][i] * dyj;
+                                               });
+                                               const A dv = Part<N>::sum(sum4(acc)) + dyj * ruk;
+                                               if (p.part == 0) gv[g.at(b, h, t) + p.row] = static_cast<scalar_t>(dv);
+                                             });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------- WKV-7
+
+template <typename scalar_t>
+struct Wkv7Raw {
+  scalar_t r, lw, k, a, b, x;  // x: v (forward) or dy (backward rows)
+};
+
+template <typename scalar_t, int N>
+__global__ void __launch_bounds__(N * kParts) wkv7_forward_kernel(
+    Tokens<N> g, const scalar_t* __restrict__ r, const scalar_t* __restrict__ lw, const scalar_t* __restrict__ k,
+    const scalar_t* __restrict__ v, const scalar_t* __restrict__ a, const scalar_t* __restrict__ bb,
+    const acc_t<scalar_t>* s0, scalar_t* __restrict__ y, acc_t<scalar_t>* s_out, acc_t<scalar_t>* sa_out) {
+  using A = acc_t<scalar_t>;
+  enum { R, W, K, AA, BB, V, kSlots };
+  __shared__ __align__(16) A smem[kChunk][kSlots][N];
+  const auto p = Part<N>::self();  // row: value channel i; elements: key channels j of S[i, :]
+  const int64_t b = blockIdx.x / g.H, h = blockIdx.x % g.H, head = blockIdx.x * int64_t(N * N);
+  A S[Part<N>::L];
+  p.each([&](int e, int j) { S[e] = s0[head + p.row * N + j]; });
+  walk<N, kSlots, -1, A, Wkv7Raw<scalar_t>>(
+      g.T, false, smem, nullptr,
+      [&](int64_t t, int n, Wkv7Raw<scalar_t>& x) {
+        const int64_t o = g.at(b, h, t) + n;
+        x = {r[o], lw[o], k[o], a[o], bb[o], v[o]};
+      },
+      [&](const Wkv7Raw<scalar_t>& x, A (*s)[N], int n) {
+        s[R][n] = A(x.r);
+        s[W][n] = exp(A(x.lw));
+        s[K][n] = A(x.k);
+        s[AA][n] = A(x.a);
+        s[BB][n] = A(x.b);
+        s[V][n] = A(x.x);
+      },
+      [&](int64_t t, const A (*s)[N], A) {
+        A acc[4] = {A(0), A(0), A(0), A(0)};
+        p.each([&](int e, int j) { acc[e % 4] += S[e] * s[AA][j]; });
+        const A sa = Part<N>::sum(sum4(acc)), vi = s[V][p.row];
+        A out[4] = {A(0), A(0), A(0), A(0)};
+        p.each([&](int e, int j) {
+          S[e] = S[e] * s[W][j] + (sa * s[BB][j] + vi * s[K][j]);
+          out[e % 4] += S[e] * s[R][j];
+        });
+        const A yi = Part<N>::sum(sum4(out));
+        if (p.part == 0) {
+          const int64_t o = g.at(b, h, t) + p.row;
+          y[o] = static_cast<scalar_t>(yi);
+          if (sa_out) sa_out[o] = sa;
+        }
+      });
+  p.each([&](int e, int j) { s_out[head + p.row * N + j] = S[e]; });
+}
+
+// dS rows, backward: dv, dsa_t = dS_t b_t and dS_0.
+template <typename scalar_t, int N>
+__global__ void __launch_bounds__(N * kParts) wkv7_backward_rows_kernel(
+    Tokens<N> g, const scalar_t* __restrict__ r, const scalar_t* __restrict__ lw, const scalar_t* __restrict__ k,
+    const scalar_t* __restrict__ a, const scalar_t* __restrict__ bb, const scalar_t* __restrict__ gy,
+    const acc_t<scalar_t>* gs_out, scalar_t* __restrict__ gv, acc_t<scalar_t>* dsa_out, acc_t<scalar_t>* gs0) {
+  using A = acc_t<scalar_t>;
+  enum { R, W, K, AA, BB, DY, kSlots };
+  __shared__ __align__(16) A smem[kChunk][kSlots][N];
+  const auto p = Part<N>::self();  // row: value channel i
+  const int64_t b = blockIdx.x / g.H, h = blockIdx.x % g.H, head = blockIdx.x * int64_t(N * N);
+  A dS[Part<N>::L];
+  p.each([&](int e, int j) { dS[e] = gs_out[head + p.row * N + j]; });
+  walk<N, kSlots, -1, A, Wkv7Raw<scalar_t>>(
+      g.T, true, smem, nullptr,
+      [&](int64_t t, int n, Wkv7Raw<scalar_t>& x) {
+        const int64_t o = g.at(b, h, t) + n;
+        x = {r[o], lw[o], k[o], a[o], bb[o], gy[o]};
+      },
+      [&](const Wkv7Raw<scalar_t>& x, A (*s)[N], int n) {
+        s[R][n] = A(x.r);
+        s[W][n] = exp(A(x.lw));
+        s[K][n] = A(x.k);
+        s[AA][n] = A(x.a);
+        s[BB][n] = A(x.b);
+        s[DY][n] = A(x.x);
+      },
+      [&](int64_t t, const A (*s)[N], A) {
+        const A dyi = s[DY][p.row];
+        A dsa[4] = {A(0), A(0), A(0), A(0)}, dv[4] = {A(0), A(0), A(0), A(0)};
+        p.each([&](int e, int j) {
+          dS[e] += dyi * s[R][j];
+          dsa[e % 4] += dS[e] * s[BB][j];
+          dv[e % 4] += dS[e] * s[K][j];
+        });
+        const A sa_grad = Part<N>::sum(sum4(dsa)), dvi = Part<N>::sum(sum4(dv));
+        p.each([&](int e, int j) { dS[e] = dS[e] * s[W][j] + sa_grad * s[AA][j]; });
+        if (p.part == 0) {
+          const int64_t o = g.at(b, h, t) + p.row;
+          gv[o] = static_cast<scalar_t>(dvi);
+          dsa_out[o] = sa_grad;
+        }
+      });
+  p.each([&](int e, int j) { gs0[head + p.row * N + j] = dS[e]; });
+}
+
+template <typename scalar_t>
+struct Wkv7Cols {
+  acc_t<scalar_t> sa, dsa;
+  scalar_t v, dy, r, lw, k, a, b;
+};
+
+// Role 0: S columns, forward from sa (dr, da; shifted[t] = r_t dr_t + a_{t+1} da_{t+1}). Role 1: dS columns,
+// backward from dsa (dk, db; decay_terms[t] = -k_t dk_t - b_t db_t, plus the final state's term at T-1).
+template <typename scalar_t, int N>
+__global__ void __launch_bounds__(N * kParts) wkv7_backward_columns_kernel(
+    Tokens<N> g, const scalar_t* __restrict__ r, const scalar_t* __restrict__ lw, const scalar_t* __restrict__ k,
+    const scalar_t* __restrict__ v, const scalar_t* __restrict__ a, const scalar_t* __restrict__ bb,
+    const acc_t<scalar_t>* s0, const acc_t<scalar_t>* s_out, const acc_t<scalar_t>* sa,
+    const acc_t<scalar_t>* dsa, const scalar_t* __restrict__ gy, const acc_t<scalar_t>* gs_out,
+    scalar_t* __restrict__ gr, scalar_t* __restrict__ gk, scalar_t* __restrict__ ga, scalar_t* __restrict__ gb,
+    acc_t<scalar_t>* shifted, acc_t<scalar_t>* decay_terms) {
+  using A = acc_t<scalar_t>;
+  enum { SA, DSA, V, DY, R, W, K, AA, BB, kSlots };
+  __shared__ __align__(16) A smem[kChunk][kSlots][N];
+  const auto p = Part<N>::self();  // row: key channel j; elements: value channels i of column j of S or dS
+  const int64_t b = blockIdx.x / g.H, h = blockIdx.x % g.H, head = blockIdx.x * int64_t(N * N);
+  auto load = [&](int64_t t, int n, Wkv7Cols<scalar_t>& x) {
+    const int64_t o = g.at(b, h, t) + n;
+    x = {sa[o], dsa[o], v[o], gy[o], r[o], lw[o], k[o], a[o], bb[o]};
+  };
+  auto stage = [&](const Wkv7Cols<scalar_t>& x, A (*s)[N], int n) {
+    s[SA][n] = x.sa;
+    s[DSA][n] = x.dsa;
+    s[V][n] = A(x.v);
+    s[DY][n] = A(x.dy);
+    s[R][n] = A(x.r);
+    s[W][n] = exp(A(x.lw));
+    s[K][n] = A(x.k);
+    s[AA][n] = A(x.a);
+    s[BB][n] = A(x.b);
+  };
+  A M[Part<N>::L];
+  if (blockIdx.y == 0) {
+    p.each([&](int e, int i) { M[e] = s0[head + i * N + p.row]; });
+    A r_dr = 0;  // r_{t-1} dr_{t-1}
+    walk<N, kSlots, -1, A, Wkv7Cols<scalar_t>>(g.T, false, smem, nullptr, load, stage,
+                                              [&](int64_t t, const A (*s)[N], A) {
+                                                const A wj = s[W][p.row], kj = s[K][p.row], bj = s[BB][p.row];
+                                                A da[4] = {A(0), A(0), A(0), A(0)}, dr[4] = {A(0), A(0), A(0), A(0)};
+                                                p.each([&](int e, int i) {
+                                                  da[e % 4] += M[e] * s[DSA][i];
+                                                  M[e] = M[e] * wj + (s[SA][i] * bj + s[V][i] * kj);
+                                                  dr[e % 4] += M[e] * s[DY][i];
+                                                });
+                                                const A gda = Part<N>::sum(sum4(da)), gdr = Part<N>::sum(sum4(dr));
+                                                if (p.part == 0) {
+                                                  const int64_t o = g.at(b, h, t) + p.row;
+                                                  gr[o] = static_cast<scalar_t>(gdr);
+                                                  ga[o] = static_cast<scalar_t>(gda);
+                                                  const A carried = r_dr + s[AA][p.row] * gda;
+                                                  if (t > 0) shifted[g.at(b, h, t - 1) + p.row] = carried;
+                                                }
+                                                r_dr = s[R][p.row] * gdr;
+                                              });
+    if (p.part == 0) shifted[g.at(b, h, g.T - 1) + p.row] = r_dr;
+  } else {
+    A fin = 0;
+    p.each([&](int e, int i) {
+      M[e] = gs_out[head + i * N + p.row];
+      fin += M[e] * s_out[head + i * N + p.row];
+    });
+    fin = Part<N>::sum(fin);
+    walk<N, kSlots, -1, A, Wkv7Cols<scalar_t>>(g.T, true, smem, nullptr, load, stage,
+                                              [&](int64_t t, const A (*s)[N], A) {
+                                                const A rj = s[R][p.row], wj = s[W][p.row], aj = s[AA][p.row];
+                                                A dk[4] = {A(0), A(0), A(0), A(0)}, db[4] = {A(0), A(0), A(0), A(0)};
+                                                p.each([&](int e, int i) {
+                                                  M[e] += s[DY][i] * rj;
+                                                  dk[e % 4] += M[e] * s[V][i];
+                                                  db[e % 4] += M[e] * s[SA][i];
+                                                  M[e] = M[e] * wj + s[DSA][i] * aj;
+                                                });
+                                                const A gdk = Part<N>::sum(sum4(dk)), gdb = Part<N>::sum(sum4(db));
+                                                if (p.part == 0) {
+                                                  const int64_t o = g.at(b, h, t) + p.row;
+                                                  gk[o] = static_cast<scalar_t>(gdk);
+                                                  gb[o] = static_cast<scalar_t>(gdb);
+                                                  decay_terms[o] = -(s[K][p.row] * gdk + s[BB][p.row] * gdb) +
+                                                                   (t == g.T - 1 ? fin : A(0));
+                                                }
+                                              });
+  }
+}
+
+// out_t = scale_t sum_{m >= t} (x_m + y_m) over logical time, one thread per (batch, channel), fp64 sums;
+// scale_t = log w_t = -exp(d_t) when the decay logits d are given (WKV-6: dL/dd = dL/dlog w * log w), else 1.
+template <typename scalar_t>
+__global__ void suffix_sum_kernel(int64_t B, int64_t T, int64_t C, bool reverse, const acc_t<scalar_t>* x,
+                                  const acc_t<scalar_t>* y, const scalar_t* __restrict__ d,
+                                  scalar_t* __restrict__ out) {
+  using A = acc_t<scalar_t>;
+  const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (idx >= B * C) return;
+  const int64_t b = idx / C, c = idx % C;
+  double acc = 0;
+#pragma unroll 8
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const int64_t o = (b * T + (reverse ? T - 1 - t : t)) * C + c;
+    acc += double(x[o]) + double(y[o]);
+    out[o] = static_cast<scalar_t>(d ? A(acc) * -exp(A(d[o])) : A(acc));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------- host side
+
+template <typename scalar_t_, int N_>
+struct Kernel {
+  using scalar_t = scalar_t_;
+  static constexpr int N = N_;
+};
+
+// Calls f(Kernel<scalar_t, N>{}) for x's dtype and head size N, or says which head sizes have kernels.
+template <typename F>
+void dispatch(const char* op, const at::Tensor& x, int64_t N, F&& f) {
+  const bool wide = x.scalar_type() == at::kDouble;
+  TORCH_CHECK(N == 32 || N == 64 || (!wide && (N == 80 || N == 128)), op, ": no kernel for head size ",
+              std::to_string(N), " in ", x.scalar_type(),
+              "; head sizes with kernels: 32, 64, 80, 128 (float64: 32, 64)");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "wkv_matrix", [&] {
+    constexpr bool fp64 = std::is_same_v<scalar_t, double>;  // (80 and 128 never reach here in float64)
+    if (N == 32) {
+      f(Kernel<scalar_t, 32>{});
+    } else if (N == 64) {
+      f(Kernel<scalar_t, 64>{});
+    } else if (N == 80) {
+      f(Kernel<scalar_t, fp64 ? 64 : 80>{});
+    } else {
+      f(Kernel<scalar_t, fp64 ? 64 : 128>{});
+    }
+  });
+}
+
+// Messages format numbers with std::to_string: an integer streamed into TORCH_CHECK's message from this extension
+// crashed (a segmentation fault in std::ostream's number formatting, seen on the device machine).
+std::string shape(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
+
+at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Checks the [B, T, H, N] token tensors (same shape, dtype and CUDA device, T >= 1) and returns them contiguous.
+std::vector<at::Tensor> tokens(const char* op, std::initializer_list<std::pair<const char*, at::Tensor>> named) {
+  const at::Tensor& first = named.begin()->second;
+  TORCH_CHECK(first.dim() == 4, op, ": token tensors must be [B, T, H, N], got ", shape(first.sizes()));
+  TORCH_CHECK(first.size(0) >= 1 && first.size(1) >= 1 && first.size(2) >= 1, op, ": B, T and H must be >= 1, got ",
+              shape(first.sizes()));
+  TORCH_CHECK(first.is_cuda(), op, ": tensors must be on a CUDA device, got ", first.device().str());
+  std::vector<at::Tensor> out;
+  for (const auto& [name, x] : named) {
+    TORCH_CHECK(x.sizes() == first.sizes(), op, ": ", name, " must have shape ", shape(first.sizes()), ", got ",
+                shape(x.sizes()));
+    TORCH_CHECK(x.scalar_type() == first.scalar_type(), op, ": ", name, " is ", x.scalar_type(), " but ",
+                named.begin()->first, " is ", first.scalar_type());
+    TORCH_CHECK(x.device() == first.device(), op, ": ", name, " is on ", x.device().str(), ", not ",
+                first.device().str());
+    out.push_back(x.contiguous());
+  }
+  return out;
+}
+
+// A [B, H, N, N] state (or [H, N] bonus) on the tokens' device, in the arithmetic dtype, contiguous.
+at::Tensor side(const char* op, const char* name, const at::Tensor& x, at::IntArrayRef expected,
+                const at::Tensor& like) {
+  TORCH_CHECK(x.sizes() == expected, op, ": ", name, " must have shape ", shape(expected), ", got ",
+              shape(x.sizes()));
+  TORCH_CHECK(x.is_floating_point(), op, ": ", name, " must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(x.device() == like.device(), op, ": ", name, " is on ", x.device().str(), ", not ",
+              like.device().str());
+  return x.to(acc_type(like)).contiguous();
+}
+
+void launch_suffix_sum(const at::Tensor& x, const at::Tensor& y, const at::Tensor* d, at::Tensor& out, bool reverse) {
+  const int64_t B = out.size(0), T = out.size(1), C = out.size(2) * out.size(3);
+  constexpr int kThreads = 128;
+  const int64_t blocks = (B * C + kThreads - 1) / kThreads;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "wkv suffix sum", [&] {
+    using A = acc_t<scalar_t>;
+    suffix_sum_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        B, T, C, reverse, x.data_ptr<A>(), y.data_ptr<A>(), d ? d->data_ptr<scalar_t>() : nullptr,
+        out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> wkv6_forward(const at::Tensor& r_, const at::Tensor& k_, const at::Tensor& v_,
+                                                const at::Tensor& w_, const at::Tensor& u_, const at::Tensor& s0_,
+                                                bool reverse) {
+  const char* op = "wkv6_forward";
+  auto in = tokens(op, {{"r", r_}, {"k", k_}, {"v", v_}, {"w", w_}});
+  const at::Tensor &r = in[0], &k = in[1], &v = in[2], &w = in[3];
+  const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
+  const at::Tensor u = side(op, "u", u_, {H, N}, r), s0 = side(op, "state", s0_, {B, H, N, N}, r);
+  const c10::cuda::CUDAGuard guard(r.device());
+  auto y = at::empty_like(v);
+  auto s_out = at::empty({B, H, N, N}, s0.options());
+  dispatch(op, r, N, [&](auto kernel) {
+    using K = decltype(kernel);
+    using scalar_t = typename K::scalar_t;
+    using A = acc_t<scalar_t>;
+    wkv6_forward_kernel<scalar_t, K::N><<<B * H, K::N * kParts, 0, at::cuda::getCurrentCUDAStream()>>>(
+        Tokens<K::N>{T, H, reverse}, r.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+        w.data_ptr<scalar_t>(), u.data_ptr<A>(), s0.data_ptr<A>(), y.data_ptr<scalar_t>(), s_out.data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {y, s_out};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv6_backward(
+    const at::Tensor& r_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& w_, const at::Tensor& u_,
+    const at::Tensor& s0_, const at::Tensor& s_out_, const at::Tensor& gy_, const at::Tensor& gs_out_, bool reverse) {
+  const char* op = "wkv6_backward";
+  auto in = tokens(op, {{"r", r_}, {"k", k_}, {"v", v_}, {"w", w_}, {"gy", gy_}});
+  const at::Tensor &r = in[0], &k = in[1], &v = in[2], &w = in[3], &gy = in[4];
+  const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
+  const at::Tensor u = side(op, "u", u_, {H, N}, r), s0 = side(op, "state", s0_, {B, H, N, N}, r);
+  const at::Tensor s_out = side(op, "s_out", s_out_, {B, H, N, N}, r);
+  const at::Tensor gs_out = side(op, "gs_out", gs_out_, {B, H, N, N}, r);
+  const c10::cuda::CUDAGuard guard(r.device());
+  auto gr = at::empty_like(r), gk = at::empty_like(k), gv = at::empty_like(v), gw = at::empty_like(w);
+  auto gu_part = at::empty({B, H, N}, s0.options()), gs0 = at::empty_like(s0);
+  auto shifted = at::empty(r.sizes(), s0.options()), decay_terms = at::empty(r.sizes(), s0.options());
+  dispatch(op, r, N, [&](auto kernel) {
+    using K = decltype(kernel);
+    using scalar_t = typename K::scalar_t;
+    using A = acc_t<scalar_t>;
+    wkv6_backward_kernel<scalar_t, K::N><<<dim3(B * H, 3), K::N * kParts, 0, at::cuda::getCurrentCUDAStream()>>>(
+        Tokens<K::N>{T, H, reverse}, r.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+        w.data_ptr<scalar_t>(), u.data_ptr<A>(), s0.data_ptr<A>(), s_out.data_ptr<A>(), gy.data_ptr<scalar_t>(),
+        gs_out.data_ptr<A>(), gr.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(),
+        gu_part.data_ptr<A>(), gs0.data_ptr<A>(), shifted.data_ptr<A>(), decay_terms.data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  launch_suffix_sum(decay_terms, shifted, &w, gw, reverse);
+  return {gr, gk, gv, gw, gu_part.sum(0), gs0};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> wkv7_forward(const at::Tensor& r_, const at::Tensor& lw_,
+                                                            const at::Tensor& k_, const at::Tensor& v_,
+                                                            const at::Tensor& a_, const at::Tensor& b_,
+                                                            const at::Tensor& s0_, bool keep_sa) {
+  const char* op = "wkv7_forward";
+  auto in = tokens(op, {{"r", r_}, {"log_w", lw_}, {"k", k_}, {"v", v_}, {"a", a_}, {"b", b_}});
+  const int64_t B = in[0].size(0), T = in[0].size(1), H = in[0].size(2), N = in[0].size(3);
+  const at::Tensor s0 = side(op, "state", s0_, {B, H, N, N}, in[0]);
+  const c10::cuda::CUDAGuard guard(in[0].device());
+  auto y = at::empty_like(in[3]);
+  auto s_out = at::empty({B, H, N, N}, s0.options());
+  auto sa = keep_sa ? at::empty(in[0].sizes(), s0.options()) : at::empty({0}, s0.options());
+  dispatch(op, in[0], N, [&](auto kernel) {
+    using K = decltype(kernel);
+    using scalar_t = typename K::scalar_t;
+    using A = acc_t<scalar_t>;
+    wkv7_forward_kernel<scalar_t, K::N><<<B * H, K::N * kParts, 0, at::cuda::getCurrentCUDAStream()>>>(
+        Tokens<K::N>{T, H, false}, in[0].data_ptr<scalar_t>(), in[1].data_ptr<scalar_t>(),
+        in[2].data_ptr<scalar_t>(), in[3].data_ptr<scalar_t>(), in[4].data_ptr<scalar_t>(),
+        in[5].data_ptr<scalar_t>(), s0.data_ptr<A>(), y.data_ptr<scalar_t>(), s_out.data_ptr<A>(),
+        keep_sa ? sa.data_ptr<A>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {y, s_out, sa};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv7_backward(
+    const at::Tensor& r_, const at::Tensor& lw_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& a_,
+    const at::Tensor& b_, const at::Tensor& s0_, const at::Tensor& s_out_, const at::Tensor& sa_,
+    const at::Tensor& gy_, const at::Tensor& gs_out_) {
+  const char* op = "wkv7_backward";
+  auto in = tokens(op, {{"r", r_}, {"log_w", lw_}, {"k", k_}, {"v", v_}, {"a", a_}, {"b", b_}, {"gy", gy_}});
+  const at::Tensor &r = in[0], &lw = in[1], &k = in[2], &v = in[3], &a = in[4], &b = in[5], &gy = in[6];
+  const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
+  const at::Tensor s0 = side(op, "state", s0_, {B, H, N, N}, r);
+  const at::Tensor s_out = side(op, "s_out", s_out_, {B, H, N, N}, r);
+  const at::Tensor gs_out = side(op, "gs_out", gs_out_, {B, H, N, N}, r);
+  TORCH_CHECK(sa_.sizes() == r.sizes() && sa_.scalar_type() == acc_type(r) && sa_.device() == r.device(), op,
+              ": sa must be what wkv7_forward(keep_sa=True) returned, ", shape(r.sizes()), " in ", acc_type(r),
+              ", got ", shape(sa_.sizes()), " in ", sa_.scalar_type());
+  const at::Tensor sa = sa_.contiguous();
+  const c10::cuda::CUDAGuard guard(r.device());
+  auto gr = at::empty_like(r), glw = at::empty_like(lw), gk = at::empty_like(k), gv = at::empty_like(v);
+  auto ga = at::empty_like(a), gb = at::empty_like(b), gs0 = at::empty_like(s0);
+  auto dsa = at::empty(r.sizes(), s0.options()), shifted = at::empty(r.sizes(), s0.options());
+  auto decay_terms = at::empty(r.sizes(), s0.options());
+  dispatch(op, r, N, [&](auto kernel) {
+    using K = decltype(kernel);
+    using scalar_t = typename K::scalar_t;
+    using A = acc_t<scalar_t>;
+    const Tokens<K::N> g{T, H, false};
+    auto stream = at::cuda::getCurrentCUDAStream();
+    wkv7_backward_rows_kernel<scalar_t, K::N><<<B * H, K::N * kParts, 0, stream>>>(
+        g, r.data_ptr<scalar_t>(), lw.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
+        b.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), gs_out.data_ptr<A>(), gv.data_ptr<scalar_t>(),
+        dsa.data_ptr<A>(), gs0.data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    wkv7_backward_columns_kernel<scalar_t, K::N><<<dim3(B * H, 2), K::N * kParts, 0, stream>>>(
+        g, r.data_ptr<scalar_t>(), lw.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+        a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), s0.data_ptr<A>(), s_out.data_ptr<A>(), sa.data_ptr<A>(),
+        dsa.data_ptr<A>(), gy.data_ptr<scalar_t>(), gs_out.data_ptr<A>(), gr.data_ptr<scalar_t>(),
+        gk.data_ptr<scalar_t>(), ga.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>(), shifted.data_ptr<A>(),
+        decay_terms.data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  launch_suffix_sum(decay_terms, shifted, nullptr, glw, false);
+  return {gr, glw, gk, gv, ga, gb, gs0};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(zoo, m) {
+  m.def("wkv6_forward(Tensor r, Tensor k, Tensor v, Tensor w, Tensor u, Tensor state, bool reverse) "
+        "-> (Tensor, Tensor)");
+  m.def("wkv6_backward(Tensor r, Tensor k, Tensor v, Tensor w, Tensor u, Tensor state, Tensor state_out, "
+        "Tensor gy, Tensor gstate_out, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("wkv7_forward(Tensor r, Tensor log_w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor state, bool keep_sa) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("wkv7_backward(Tensor r, Tensor log_w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor state, "
+        "Tensor state_out, Tensor sa, Tensor gy, Tensor gstate_out) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(zoo, CUDA, m) {
+  m.impl("wkv6_forward", &wkv6_forward);
+  m.impl("wkv6_backward", &wkv6_backward);
+  m.impl("wkv7_forward", &wkv7_forward);
+  m.impl("wkv7_backward", &wkv7_backward);
+}
