@@ -182,7 +182,7 @@ class RNNDecoder(_GraphedStep):
         mode = compile if isinstance(compile, str) else None  # a torch.compile mode, e.g. max-autotune-no-cudagraphs
         step = RWKV4Step(model) if model.arch == "rwkv4" else model.forward_rnn
         self.forward_rnn = torch.compile(step, fullgraph=True, mode=mode) if compile else step
-        self.forward = torch.compile(model, fullgraph=True, dynamic=False, mode=mode) if compile else model
+        self.parallel = torch.compile(model, fullgraph=True, dynamic=False, mode=mode) if compile else model
         self._prefill_graphs: OrderedDict[int, tuple] = OrderedDict()
         self._saved: Tensor | None = None
 
@@ -191,7 +191,7 @@ class RNNDecoder(_GraphedStep):
         return ("compiled+" if self.compiled else "") + super().path
 
     def _read(self, idx: Tensor) -> Tensor:
-        logits, state = self.forward(idx, state=self.state, return_state=True)
+        logits, state = self.parallel(idx, state=self.state, return_state=True)
         self.state.copy_(state)
         return logits[:, -1]
 
