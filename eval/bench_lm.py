@@ -16,6 +16,7 @@ Parts (all on random weights of the registered shapes; speed does not depend on 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -55,6 +56,13 @@ def build(arch: str, size: str, dtype: torch.dtype = torch.float32, ctx_len: int
     return model.to(dtype)
 
 
+def _release() -> None:
+    """Free what earlier measurements left (models and decoders in reference cycles hold CUDA memory until the
+    collector runs), so that each measurement's memory is its own."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def _synced_ms(fn, reps: int) -> float:
     """Median wall time of fn() in ms, with the GPU synchronised around each call (for loops that sync anyway)."""
     times = []
@@ -69,7 +77,7 @@ def _synced_ms(fn, reps: int) -> float:
 
 def train_throughput(arch: str, size: str, seq_len: int, tokens: int = TRAIN_TOKENS) -> dict:
     """One training step (bf16 autocast forward, backward, AdamW) on tokens // seq_len sequences."""
-    torch.cuda.empty_cache()
+    _release()
     model = build(arch, size, ctx_len=seq_len)
     batch = max(1, tokens // seq_len)
     idx = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), device="cuda")
@@ -104,7 +112,7 @@ def decode_latency(arch: str, size: str, context: int, steps: int = 64, reps: in
     decoding (weights + state or cache) and at its peak."""
     from zoo.decode import make_decoder
 
-    torch.cuda.empty_cache()
+    _release()
     capacity = context + 1 + steps * (reps + 1) + 3  # + the warm-up and capture runs of the graph
     model = build(arch, size, torch.float16, ctx_len=capacity)
     decoder = make_decoder(model, 1, capacity=capacity)
@@ -122,7 +130,7 @@ def batched_throughput(arch: str, size: str, batch: int, prompt: int = PROMPT, s
     """New tokens per second over the batch, greedy, after a random `prompt`-token prompt per row."""
     from zoo.decode import make_decoder
 
-    torch.cuda.empty_cache()
+    _release()
     capacity = prompt + 1 + 2 * steps + 3
     model = build(arch, size, torch.float16, ctx_len=capacity)
     try:
@@ -189,7 +197,7 @@ def rnn_vs_package(size: str = "169m", prompt: int = 1024, steps: int = 64, pack
     """RWKV-4 at batch 1, fp16: our decoders (eager, CUDA graph, torch.compile + CUDA graph) and the package."""
     from zoo.decode import RNNDecoder
 
-    torch.cuda.empty_cache()
+    _release()
     model = build("rwkv4", size, torch.float16).eval()
     tokens = torch.randint(0, model.config.vocab_size, (1, prompt), device="cuda")
     rows = []

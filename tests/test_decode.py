@@ -115,3 +115,16 @@ def test_bad_calls_get_clear_errors():
         RNNDecoder(randomized("rwkv4-tiny"), cuda_graph=True)
     with pytest.raises(TypeError, match="neither an RNN mode"):
         make_decoder(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("name", ["rwkv4-tiny", "rwkv7-tiny", "gpt-tiny"])
+def test_logits_to_keep_gives_the_last_positions(name):
+    model = randomized(name)
+    idx = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        full = model(idx)
+        torch.testing.assert_close(model(idx, logits_to_keep=3), full[:, -3:], rtol=1e-6, atol=1e-6)
+        if name != "gpt-tiny":
+            logits, state = model(idx, return_state=True, logits_to_keep=1)
+            assert logits.shape == (2, 1, 256)
+            torch.testing.assert_close(state, model(idx, return_state=True)[1])

@@ -51,8 +51,8 @@ class _GraphedStep:
 
     @torch.no_grad()
     def prefill(self, idx: Tensor) -> Tensor:
-        """Read idx [B, T] after whatever was read before, in chunks of prefill_chunk tokens (the logits of a whole
-        chunk are computed, so that bounds memory); returns the last position's logits [B, V]."""
+        """Read idx [B, T] after whatever was read before, in chunks of prefill_chunk tokens (activations of one chunk
+        at a time; the head only at the last position); returns the last position's logits [B, V]."""
         if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.shape[0] != self.batch_size:
             shape = tuple(idx.shape) if isinstance(idx, Tensor) else type(idx).__name__
             raise ValueError(f"prefill takes token ids of shape [{self.batch_size}, T], got {shape}")
@@ -191,7 +191,7 @@ class RNNDecoder(_GraphedStep):
         return ("compiled+" if self.compiled else "") + super().path
 
     def _read(self, idx: Tensor) -> Tensor:
-        logits, state = self.parallel(idx, state=self.state, return_state=True)
+        logits, state = self.parallel(idx, state=self.state, return_state=True, logits_to_keep=1)
         self.state.copy_(state)
         return logits[:, -1]
 
@@ -249,7 +249,7 @@ class KVDecoder(_GraphedStep):
         self._saved: tuple[Tensor, int] | None = None
 
     def _prefill_chunk(self, idx: Tensor) -> Tensor:
-        return self.model(idx, self.cache)[:, -1]
+        return self.model(idx, self.cache, logits_to_keep=1)[:, -1]
 
     def reset(self) -> None:
         self.cache.reset()

@@ -60,9 +60,10 @@ class GPTLM(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
-        """idx: [B, T] with T <= ctx_len. Returns logits [B, T, V]. With a cache (new_cache), the tokens continue the
-        cached ones: their keys and values are added to it, and positions count on from cache.filled."""
+    def forward(self, idx: Tensor, cache: KVCache | None = None, logits_to_keep: int = 0) -> Tensor:
+        """idx: [B, T] with T <= ctx_len. Returns logits [B, T, V] (of the last `logits_to_keep` positions only when
+        > 0). With a cache (new_cache), the tokens continue the cached ones: their keys and values are added to it,
+        and positions count on from cache.filled."""
         check_tokens(idx, self.config.vocab_size, self.wte.weight.device)
         T = idx.shape[1]
         start = 0 if cache is None else cache.filled
@@ -80,7 +81,7 @@ class GPTLM(nn.Module):
         if cache is not None:
             cache.length += T
             cache.filled += T
-        return self.head(self.ln_f(x))
+        return self.head(self.ln_f(x[:, -logits_to_keep:] if logits_to_keep else x))
 
     def new_cache(self, batch_size: int, capacity: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache for `capacity` positions (default ctx_len), in the weights' dtype unless given."""

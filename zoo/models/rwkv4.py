@@ -99,8 +99,9 @@ class RWKV4LM(nn.Module):
         if state.device != self.emb.weight.device:
             raise ValueError(f"state is on {state.device} but the model is on {self.emb.weight.device}")
 
-    def forward(self, idx: Tensor, state: Tensor | None = None, return_state: bool = False):
-        """idx: [B, T] token ids. Returns logits [B, T, V], and the new state if return_state."""
+    def forward(self, idx: Tensor, state: Tensor | None = None, return_state: bool = False, logits_to_keep: int = 0):
+        """idx: [B, T] token ids. Returns logits [B, T, V] (of the last `logits_to_keep` positions only when > 0, as
+        a prefill needs), and the new state if return_state."""
         check_tokens(idx, self.config.vocab_size, self.emb.weight.device)
         if state is not None:
             self.check_state(state, idx.shape[0])
@@ -113,7 +114,7 @@ class RWKV4LM(nn.Module):
             else:
                 x, s = block(x, block_state)
             new_state.append(s)
-        logits = self.head(self.ln_out(x))
+        logits = self.head(self.ln_out(x[:, -logits_to_keep:] if logits_to_keep else x))
         return (logits, torch.stack(new_state)) if return_state else logits
 
     def forward_rnn(self, token_ids: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:

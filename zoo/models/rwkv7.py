@@ -78,8 +78,9 @@ class RWKV7LM(RWKV4LM):
         return RWKV7Block(c.n_embd, c.ffn_size, c.head_size, layer_id, c.n_layer, ranks["decay"], ranks["iclr"],
                           ranks["value"], ranks["gate"])
 
-    def forward(self, idx: Tensor, state: Tensor | None = None, return_state: bool = False):
-        """idx: [B, T] token ids. Returns logits [B, T, V], and the new state if return_state.
+    def forward(self, idx: Tensor, state: Tensor | None = None, return_state: bool = False, logits_to_keep: int = 0):
+        """idx: [B, T] token ids. Returns logits [B, T, V] (of the last `logits_to_keep` positions only when > 0), and
+        the new state if return_state.
         v_first, layer 0's values, goes from block to block within the call; it is not part of the state."""
         check_tokens(idx, self.config.vocab_size, self.emb.weight.device)
         if state is not None:
@@ -92,7 +93,7 @@ class RWKV7LM(RWKV4LM):
             else:
                 x, v_first, s = block(*inputs)
             new_state.append(s)
-        logits = self.head(self.ln_out(x))
+        logits = self.head(self.ln_out(x[:, -logits_to_keep:] if logits_to_keep else x))
         return (logits, torch.stack(new_state)) if return_state else logits
 
     def no_weight_decay(self) -> set[str]:
