@@ -71,10 +71,7 @@ def test_block_follows_the_pre_and_post_norm_formulas(post_norm, layer_scale):
 
 @pytest.mark.parametrize("name, millions", [
     ("vrwkv_tiny", 6.2), ("vrwkv_small", 23.8), ("vrwkv_base", 93.7),
-    ("vrwkv6_tiny", 7.6), ("vrwkv6_small", 27.7), ("vrwkv6_base", 104.9),
-    pytest.param("vrwkv_large", 334.9, marks=pytest.mark.xfail(
-        strict=True, reason="329.7M with the published layout (d24, C1024, FFN 4C, key_norm): where the paper's "
-                            "other 5M sit is not known yet")),
+    ("vrwkv6_tiny", 7.6), ("vrwkv6_small", 27.7), ("vrwkv6_base", 104.9), ("vrwkv_large", 334.9),
 ])
 def test_parameter_counts_match_the_paper(name, millions):
     assert zoo.model_info(name)["params"] / 1e6 == pytest.approx(millions, rel=0.01)
@@ -174,6 +171,33 @@ def test_official_checkpoints_load_through_timm_and_the_zoo(tmp_path):
         del bad["backbone.layers.1.att.spatial_decay"]
         torch.save({"state_dict": bad}, tmp_path / "bad.pth")
         zoo.create_model("vrwkv_small", depth=2, pretrained=str(tmp_path / "bad.pth"))
+
+
+def test_large_has_the_official_tanh_head_and_loads_its_trainers_files(tmp_path):
+    """vrwkv_large's head (official, for depth > 12): pooled -> Linear(C, 3072) -> tanh -> Linear(3072, classes),
+    the 5.2M parameters that make its published 334.9M; its InternImage-style file ({"model": ...}, head.0 / head.2)
+    loads key for key."""
+    torch.manual_seed(0)
+    source = zoo.create_model("vrwkv_large", depth=2, embed_dim=64, head_hidden_dim=96, num_classes=10, img_size=32)
+    assert zoo.model_info("vrwkv_large")["config"]["head_hidden_dim"] == 3072
+    for p in source.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 3, 32, 32)
+    source.eval()
+    pooled = source.forward_features(x).mean(1)
+    torch.testing.assert_close(source.forward_head(source.forward_features(x), pre_logits=True),
+                               torch.tanh(source.pre_logits.fc(pooled)))
+    torch.testing.assert_close(source(x), source.head(torch.tanh(source.pre_logits.fc(pooled))))
+    official = {re.sub(r"^pre_logits\.fc\.", "head.0.", re.sub(r"^head\.fc\.", "head.2.", k)): v
+                for k, v in official_state_dict(source).items()}
+    assert {"head.0.weight", "head.2.weight", "backbone.layers.1.ffn.key_norm.weight"} <= set(official)
+    torch.save({"model": official, "epoch": 19}, tmp_path / "vrwkv_l_22kto1k_384.pth")
+    loaded = zoo.create_model("vrwkv_large", depth=2, embed_dim=64, head_hidden_dim=96, num_classes=10, img_size=32,
+                              pretrained=str(tmp_path / "vrwkv_l_22kto1k_384.pth")).eval()
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, source.state_dict()[key], rtol=0, atol=0, msg=key)
+    loaded.reset_classifier(3)
+    assert loaded(x).shape == (2, 3) and loaded.head.in_features == 96
 
 
 def test_native_checkpoints_round_trip(tmp_path):

@@ -97,8 +97,10 @@ def _read_pth(path: Path) -> dict[str, Tensor]:
             f"(it would execute code); only weights_only=True files are accepted. ({reason})") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # a trainer's file (mmcls, Lightning)
-        obj = obj["state_dict"]
+    for wrapper in ("state_dict", "model"):  # a trainer's file: mmcls and Lightning, or InternImage-style trainers
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors (a state dict), got {type(obj).__name__}")
     return obj

@@ -9,6 +9,7 @@ Vision-RWKV blocks (`blocks.vision`), final LayerNorm, global average pooling, l
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
@@ -46,6 +47,8 @@ class VRWKVConfig:
     version: int = 4                     # 4: Vision-RWKV (Bi-WKV), 6: Vision-RWKV-6 (bidirectional WKV-6, heads)
     head_size: int = 64                  # version 6: channels per head
     global_pool: str = "avg"             # "avg", or "" for the token features
+    head_hidden_dim: int = 0             # > 0: pooled features -> Linear(embed_dim, this) -> tanh -> classifier
+                                         # (the official large model's head, its depth > 12 configuration)
 
 
 class VisionRWKV(nn.Module):
@@ -63,7 +66,8 @@ class VisionRWKV(nn.Module):
         self.config = config
         self.num_classes = config.num_classes
         self.global_pool = config.global_pool
-        self.num_features = self.head_hidden_size = self.embed_dim = config.embed_dim
+        self.num_features = self.embed_dim = config.embed_dim
+        self.head_hidden_size = config.head_hidden_dim or config.embed_dim
         self.num_prefix_tokens = 0
         self.patch_embed = PatchEmbed(to_2tuple(config.img_size), config.patch_size, config.in_chans, config.embed_dim,
                                       output_fmt="NHWC", strict_img_size=False)
@@ -75,7 +79,9 @@ class VisionRWKV(nn.Module):
                        config.post_norm, config.key_norm, version=config.version, head_size=config.head_size)
             for i in range(config.depth))
         self.norm = nn.LayerNorm(config.embed_dim)
-        self.head = nn.Linear(config.embed_dim, config.num_classes) if config.num_classes > 0 else nn.Identity()
+        self.pre_logits = nn.Sequential(OrderedDict(fc=nn.Linear(config.embed_dim, config.head_hidden_dim),
+                                                    act=nn.Tanh())) if config.head_hidden_dim else nn.Identity()
+        self.head = nn.Linear(self.head_hidden_size, config.num_classes) if config.num_classes > 0 else nn.Identity()
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=config.embed_dim, reduction=config.patch_size)
                              for i in range(config.depth)]
         self.grad_checkpointing = False
@@ -109,7 +115,7 @@ class VisionRWKV(nn.Module):
         if global_pool is not None:
             self.global_pool = global_pool
         self.config = replace(self.config, num_classes=num_classes, global_pool=self.global_pool)
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights(self.head)
 
     def _check_input(self, x: Tensor) -> None:
@@ -144,6 +150,7 @@ class VisionRWKV(nn.Module):
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool == "avg":
             x = x.mean(dim=1)
+        x = self.pre_logits(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -170,11 +177,11 @@ class VisionRWKV(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: VisionRWKV) -> dict[str, Tensor]:
-    """Official Vision-RWKV (mmcls) keys -> ours: `backbone.` dropped, `layers.N` -> `blocks.N`,
-    `patch_embed.projection` -> `patch_embed.proj`, the backbone's final `ln1` -> `norm`, `head.fc` -> `head`;
-    the position embedding resampled (bicubic) to the model's grid. Native keys pass through."""
-    if isinstance(state_dict.get("state_dict"), dict):
-        state_dict = state_dict["state_dict"]
+    """Official Vision-RWKV keys -> ours: `backbone.` dropped, `layers.N` -> `blocks.N`, `patch_embed.projection` ->
+    `patch_embed.proj`, the backbone's final `ln1` -> `norm`, the head's `head.fc` (mmcls) -> `head`, or for the
+    large model (its InternImage-style trainer: `head.0` Linear, `head.1` tanh, `head.2` Linear) `head.0` ->
+    `pre_logits.fc`, `head.2` -> `head`; the position embedding resampled (bicubic) to the model's grid. Native keys
+    pass through."""
     out = {}
     for key, value in state_dict.items():
         key = re.sub(r"^backbone\.", "", key)
@@ -182,6 +189,8 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: VisionRWKV) -> di
         key = re.sub(r"^patch_embed\.projection\.", "patch_embed.proj.", key)
         key = re.sub(r"^ln1\.", "norm.", key)
         key = re.sub(r"^head\.fc\.", "head.", key)
+        key = re.sub(r"^head\.0\.", "pre_logits.fc.", key)
+        key = re.sub(r"^head\.2\.", "head.", key)
         if key == "pos_embed" and value.shape != model.pos_embed.shape:
             side = int(round(value.shape[1] ** 0.5))
             value = resample_abs_pos_embed(value, list(model.patch_embed.grid_size), [side, side], num_prefix_tokens=0)
@@ -205,7 +214,8 @@ SIZES = {
     "tiny": dict(embed_dim=192, depth=12, drop_path_rate=0.1),
     "small": dict(embed_dim=384, depth=12, drop_path_rate=0.3, post_norm=True, layer_scale=1.0),
     "base": dict(embed_dim=768, depth=12, drop_path_rate=0.5, post_norm=True, layer_scale=1e-5),
-    "large": dict(embed_dim=1024, depth=24, drop_path_rate=0.1, post_norm=True, layer_scale=1e-5, key_norm=True),
+    "large": dict(embed_dim=1024, depth=24, drop_path_rate=0.1, post_norm=True, layer_scale=1e-5, key_norm=True,
+                  head_hidden_dim=3072),
 }
 """The paper's classifiers (ImageNet-1k training; drop path as in the official configs)."""
 
