@@ -44,7 +44,7 @@ def evaluate_classification(model: str | None, checkpoint: str | None, data: str
     ranks = init_ranks(device, "ddp")
     net = load_classifier(model, checkpoint, img_size).to(ranks.device)
     cfg = resolve_data_config(model=net)
-    size = img_size or (net.config.img_size if hasattr(net, "config") else net.patch_embed.img_size)  # zoo or timm
+    size = img_size or net.patch_embed.img_size  # timm's attribute: the zoo's classifiers and timm's own have it
     size = size if isinstance(size, int) else size[0]
     cfg["crop_pct"] = crop_pct or cfg["crop_pct"]
     transform = create_transform(size, crop_pct=cfg["crop_pct"], interpolation=cfg["interpolation"],
