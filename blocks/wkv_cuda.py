@@ -193,11 +193,12 @@ def _forced_reference() -> bool:
     return os.environ.get(FORCE_REFERENCE_ENV, "") not in ("", "0")
 
 
+@torch.compiler.assume_constant_result
 def available(extension: str = "wkv") -> bool:
-    """True when the extension's kernels ("wkv" or "matrix") are built and loaded (building them on the first call)."""
+    """True when the extension's kernels ("wkv" or "matrix") are built and loaded (building them on the first call).
+    torch.compile runs this at trace time and keeps the answer as a constant, so a model compiled before any eager
+    call still builds the kernels and traces them (not the PyTorch reference's loop over T)."""
     ext = _EXTENSIONS[extension]
-    if torch.compiler.is_compiling():  # decided before tracing; the check below is not traceable
-        return ext.loaded
     if _forced_reference() or not torch.cuda.is_available():
         return False
     with _lock:

@@ -109,6 +109,28 @@ def test_cuda_graph_decoding_matches_parallel_forward(name, compile):
     assert rel_err(torch.stack(out, 1), full[:, 9:-1]) < 1e-5
 
 
+_COMPILED_FIRST = """
+import torch, zoo
+from blocks import wkv_cuda
+graphs = []
+model = zoo.create_model("rwkv4-tiny", n_layer=1).cuda()
+compiled = torch.compile(model, fullgraph=True, backend=lambda gm, _: graphs.append(gm.code) or gm.forward)
+compiled(torch.randint(0, 256, (1, 64), device="cuda"))
+print(wkv_cuda._EXTENSIONS["wkv"].loaded, "wkv4_forward" in graphs[0])
+"""
+
+
+def test_a_model_compiled_first_in_a_process_traces_the_kernel():
+    """In a fresh process, torch.compile before any eager call: the kernels get built at trace time and the graph
+    calls them (not the PyTorch path, whose loop over chunks also compiles far more slowly)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _COMPILED_FIRST], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["True", "True"]
+
+
 def test_bench_lm_runs_on_tiny_models(tmp_path):
     from eval.bench_lm import bench_lm
 

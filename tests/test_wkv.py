@@ -186,3 +186,17 @@ def test_chunked_scan_loops_over_chunks_not_tokens():
     finally:
         torch.maximum = original
     assert calls["n"] <= math.ceil(64 / 16) + 1
+
+
+def test_compiled_code_decides_the_kernel_path_at_trace_time(monkeypatch):
+    """A model compiled before any eager call must still get the kernels: torch.compile runs wkv_cuda.available at
+    trace time (where it builds them) instead of baking in a flag read before the build. Here the run is visible as
+    the forced-reference check it makes, which overrides a stale "loaded"."""
+    from blocks import wkv_cuda
+
+    checks = []
+    monkeypatch.setattr(wkv_cuda._EXTENSIONS["wkv"], "loaded", True)
+    monkeypatch.setattr(wkv_cuda, "_forced_reference", lambda: checks.append("forced") or True)
+    compiled = torch.compile(lambda x: x * 2 if wkv_cuda.available("wkv") else x, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(torch.ones(3)), torch.ones(3))
+    assert checks == ["forced"]
