@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -689,17 +690,28 @@ DecayedStorage empty_sums(int64_t B, int64_t C, const at::TensorOptions& opts) {
 
 at::ScalarType arithmetic_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// Messages format numbers with std::to_string, as cuda/wkv_matrix.cu does: an integer streamed into TORCH_CHECK's
+// message from that extension crashed (a segmentation fault in std::ostream's number formatting, device machine).
+std::string dims(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
+
 // The shapes every op checks: k, v (and the like) [B, T, C] of one float dtype; w, u [C].
 void check_tokens(const char* op, const at::Tensor& w, const at::Tensor& u, std::initializer_list<at::Tensor> tokens) {
   const at::Tensor& k = *tokens.begin();
-  TORCH_CHECK(k.dim() == 3, op, ": k must be [B, T, C], got ", k.sizes());
-  TORCH_CHECK(k.size(0) >= 1 && k.size(1) >= 1 && k.size(2) >= 1, op, ": B, T and C must be >= 1, got ", k.sizes());
+  TORCH_CHECK(k.dim() == 3, op, ": k must be [B, T, C], got ", dims(k.sizes()));
+  TORCH_CHECK(k.size(0) >= 1 && k.size(1) >= 1 && k.size(2) >= 1, op, ": B, T and C must be >= 1, got ",
+              dims(k.sizes()));
   for (const auto& x : tokens) {
-    TORCH_CHECK(x.sizes() == k.sizes(), op, ": token tensors must share k's shape ", k.sizes(), ", got ", x.sizes());
+    TORCH_CHECK(x.sizes() == k.sizes(), op, ": token tensors must share k's shape ", dims(k.sizes()), ", got ",
+                dims(x.sizes()));
     TORCH_CHECK(x.scalar_type() == k.scalar_type(), op, ": token tensors must share k's dtype");
-    TORCH_CHECK(x.device() == k.device(), op, ": all tensors must be on ", k.device());
+    TORCH_CHECK(x.device() == k.device(), op, ": all tensors must be on ", k.device().str());
   }
-  TORCH_CHECK(w.numel() == k.size(2) && u.numel() == k.size(2), op, ": w and u must have C = ", k.size(2), " elements");
+  TORCH_CHECK(w.numel() == k.size(2) && u.numel() == k.size(2), op, ": w and u must have C = ",
+              std::to_string(k.size(2)), " elements");
 }
 
 at::Tensor as_arithmetic(const at::Tensor& t, at::ScalarType type) { return t.to(type).contiguous(); }
@@ -875,8 +887,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biwkv_backward(
   const auto type = arithmetic_type(k_.scalar_type());
   const auto opts = k_.options().dtype(type);
   TORCH_CHECK(den_.sizes() == at::IntArrayRef(den_shape(k_)) && den_.scalar_type() == type,
-              "biwkv_backward: den must be ", den_shape(k_), " ", type, " (biwkv_forward with keep_den), got ",
-              den_.sizes(), " ", den_.scalar_type());
+              "biwkv_backward: den must be ", dims(den_shape(k_)), " ", type, " (biwkv_forward with keep_den), got ",
+              dims(den_.sizes()), " ", den_.scalar_type());
   const auto step = as_arithmetic(-w_, type), u = as_arithmetic(u_, type);
   const auto k = k_.contiguous(), v = v_.contiguous(), y = y_.contiguous(), gy = gy_.contiguous();
   const auto den = den_.contiguous();

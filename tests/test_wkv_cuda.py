@@ -343,3 +343,37 @@ def test_chunked_path_agrees_with_kernel_on_gpu():
     y_kernel, _ = wkv4(w, u, k, v)
     y_torch, _ = wkv4_chunked(w, u, k, v)
     assert rel_err(y_kernel, y_torch) <= 2e-5
+
+
+_BAD_OP_CALLS = """
+import torch
+from blocks import wkv_cuda
+assert wkv_cuda.available()
+w, u, k, v = torch.zeros(4, device="cuda"), torch.zeros(4, device="cuda"), *torch.zeros(2, 1, 3, 4, device="cuda")
+s = torch.zeros(1, 4, device="cuda")
+calls = {
+    "k must be [B, T, C], got [3, 4]": lambda: torch.ops.zoo.wkv4_forward(w, u, k[0], v[0], s, s, s),
+    "must share k's shape [1, 3, 4], got [1, 3, 2]": lambda: torch.ops.zoo.wkv4_forward(w, u, k, v[..., :2], s, s, s),
+    "w and u must have C = 4 elements": lambda: torch.ops.zoo.wkv4_forward(w[:3], u, k, v, s, s, s),
+    "state tensors must be [B, C]": lambda: torch.ops.zoo.wkv4_forward(w, u, k, v, s[:, :2], s, s),
+    "B, T and C must be >= 1, got [1, 0, 4]": lambda: torch.ops.zoo.biwkv_forward(w, u, k[:, :0], v[:, :0], False),
+}
+for expected, call in calls.items():
+    try:
+        call()
+    except RuntimeError as e:
+        assert expected in str(e), (expected, str(e))
+    else:
+        raise AssertionError(f"no error for: {expected}")
+print("ok")
+"""
+
+
+def test_op_errors_name_the_problem():
+    """The ops' own checks (reached by direct torch.ops.zoo calls; blocks/ checks first) give messages with the
+    shapes, in a subprocess so that a crash while formatting them fails this test instead of ending the run."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _BAD_OP_CALLS], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and run.stdout.split() == ["ok"], run.stderr[-3000:]
