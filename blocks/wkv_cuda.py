@@ -197,7 +197,7 @@ def _forced_reference() -> bool:
 def available(extension: str = "wkv") -> bool:
     """True when the extension's kernels ("wkv" or "matrix") are built and loaded (building them on the first call).
     torch.compile runs this at trace time and keeps the answer as a constant, so a model compiled before any eager
-    call still builds the kernels and traces them (not the PyTorch reference's loop over T)."""
+    call still builds the kernels and traces them (not the PyTorch path)."""
     ext = _EXTENSIONS[extension]
     if _forced_reference() or not torch.cuda.is_available():
         return False

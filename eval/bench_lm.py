@@ -10,8 +10,7 @@ Parts (all on random weights of the registered shapes; speed does not depend on 
   - rnn:     RWKV-4 at batch 1 against the `rwkv` package (strategy "cuda fp16", its CUDA kernel on) on the same
              fp16 weights: ms/token in RNN mode and a 1024-token prefill through the parallel kernel (repeated, and
              the first one, which captures graphs and compiles), eager, in CUDA graphs, and compiled (torch.compile)
-             in CUDA graphs; the largest logit differences (prefill vs RNN mode; ours vs
-             package).
+             in CUDA graphs; the largest logit differences (prefill vs RNN mode; ours vs package).
 """
 
 from __future__ import annotations
@@ -225,7 +224,7 @@ def rnn_vs_package(size: str = "169m", prompt: int = 1024, steps: int = 64, pack
                "rnn_vs_prefill_max_abs": (rnn_logits - prefill_logits).abs().max().item()}
         reference = prefill_logits if reference is None else reference
         rows.append(row)
-        print(f"  rnn: {row['impl']}: {ms:.3f} ms/token, 1024-token prefill {prefill_ms:.2f} ms", flush=True)
+        print(f"  rnn: {row['impl']}: {ms:.3f} ms/token, {prompt}-token prefill {prefill_ms:.2f} ms", flush=True)
     if package:
         print("  rnn: the rwkv package (builds its kernel first) ...", flush=True)
         result = _package_run(model, tokens[0])
