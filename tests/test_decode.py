@@ -115,6 +115,9 @@ def test_bad_calls_get_clear_errors():
         RNNDecoder(randomized("rwkv4-tiny"), cuda_graph=True)
     with pytest.raises(TypeError, match="neither an RNN mode"):
         make_decoder(torch.nn.Linear(2, 2))
+    for options in ({"compile": True}, {"cuda_graph": True}):
+        with pytest.raises(ValueError, match="RRWKVLM's steps read the state on the host"):
+            RNNDecoder(randomized("rrwkv-tiny"), **options)
 
 
 @pytest.mark.parametrize("name", ["rwkv4-tiny", "rwkv7-tiny", "gpt-tiny"])

@@ -109,6 +109,23 @@ def test_cuda_graph_decoding_matches_parallel_forward(name, compile):
     assert rel_err(torch.stack(out, 1), full[:, 9:-1]) < 1e-5
 
 
+def test_rrwkv_decodes_eagerly_on_cuda():
+    """RRWKV's steps read the state on the host, which a CUDA graph capture forbids: its decoder runs eagerly."""
+    from zoo.decode import make_decoder
+
+    torch.manual_seed(0)
+    model = zoo.create_model("rrwkv-tiny", n_layer=2, segment_len=4).cuda().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        idx = torch.randint(0, 256, (1, 20), device="cuda")
+        full = model(idx)
+    decoder = make_decoder(model, 1)
+    assert decoder.path == "eager"
+    out = [decoder.prefill(idx[:, :7])] + [decoder.step(idx[:, t]).clone() for t in range(7, 19)]
+    assert rel_err(torch.stack(out, 1), full[:, 6:-1]) < 1e-5
+
+
 _COMPILED_FIRST = """
 import torch, zoo
 from blocks import wkv_cuda

@@ -173,10 +173,17 @@ class RNNDecoder(_GraphedStep):
 
     compile=True (or a torch.compile mode) runs both through torch.compile (the elementwise work fused; one
     compilation per prefill chunk length). On CUDA, steps replay a CUDA graph, and prefill chunks too with
-    graph_prefill. Logits equal the model's parallel forward over the same tokens."""
+    graph_prefill, except for models whose `static_step` is False (RRWKV), which run eagerly. Logits equal the
+    model's parallel forward over the same tokens."""
 
     def __init__(self, model: nn.Module, batch_size: int = 1, cuda_graph: bool | None = None,
                  compile: bool | str = False, graph_prefill: bool = False):
+        if not getattr(model, "static_step", True):
+            if compile or cuda_graph:
+                raise ValueError(f"{type(model).__name__}'s steps read the state on the host (static_step = False): "
+                                 "they cannot be compiled or captured in a CUDA graph; use compile=False, "
+                                 "cuda_graph=False")
+            cuda_graph = False
         super().__init__(model, batch_size, cuda_graph)
         if graph_prefill and not self.use_graph:
             raise ValueError("graph_prefill needs cuda_graph (a model on a CUDA device)")

@@ -44,6 +44,9 @@ class RRWKVLM(RWKV4LM):
     arch = "rrwkv"
     config_class = RRWKVConfig
     state_rows = STATE_ROWS
+    static_step = False
+    """Its steps read the position within a segment from the state on the host (it decides whether a segment ends),
+    so zoo.decode runs them eagerly: no CUDA graph, no torch.compile."""
 
     def make_block(self, layer_id: int) -> nn.Module:
         c = self.config
