@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .bench import time_ms
 
@@ -269,9 +270,28 @@ def _print_table(part: str, rows: list[dict], columns: list[str]) -> None:
         print("  ".join(f"{c:>14.4g}" if isinstance(c, float) else f"{str(c):>14}" for c in cells))
 
 
+_RATIO_OF = {"train": ("seq_len", "tokens_per_s"), "decode": ("context", "ms_per_token"),
+             "batched": ("batch", "tokens_per_s")}
+_COLUMNS = {"train": ["arch", "size", "seq_len", "batch", "tokens_per_s", "peak_gib", "rwkv_over_gpt"],
+            "decode": ["arch", "size", "context", "ms_per_token", "held_gib", "peak_gib", "rwkv_over_gpt"],
+            "batched": ["arch", "size", "batch", "tokens_per_s", "ms_per_step", "rwkv_over_gpt"],
+            "rnn": ["impl", "ms_per_token", "prefill_ms", "first_prefill_ms", "rnn_vs_prefill_max_abs",
+                    "package_vs_ours_max_abs"]}
+
+
+def _add_ratios(rows: list[dict], key: str, metric: str) -> None:
+    """rwkv_over_gpt on each RWKV row: its metric over GPT's at the same size and `key`."""
+    for row in rows:
+        anchor = next((r for r in rows if r["arch"] == "gpt" and r["size"] == row["size"] and r[key] == row[key]),
+                      None)
+        if row["arch"] == "rwkv4" and anchor and row.get(metric) and anchor.get(metric):
+            row["rwkv_over_gpt"] = row[metric] / anchor[metric]
+
+
 def bench_lm(out_json: str | None = "bench_lm.json", out_png: str | None = "bench_lm.png",
              sizes: tuple[str, ...] = ("169m", "430m"), parts: tuple[str, ...] = PARTS, package: bool = True) -> dict:
-    """Run the chosen parts for rwkv4 and gpt at each size; print tables with RWKV/GPT ratios, write JSON and PNG."""
+    """Run the chosen parts for rwkv4 and gpt at each size (progress bars; each part's table and the JSON so far as
+    soon as the part is done); print tables with RWKV/GPT ratios, write JSON and PNG."""
     if not torch.cuda.is_available():
         raise RuntimeError("needs a CUDA GPU")
     unknown = sorted(set(parts) - set(PARTS))
@@ -282,32 +302,19 @@ def bench_lm(out_json: str | None = "bench_lm.json", out_png: str | None = "benc
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "wkv": wkv_cuda.status()}
     print(f"{result['device']}, torch {result['torch']}; WKV: {result['wkv']}")
     grid = [(arch, size) for size in sizes for arch in ("rwkv4", "gpt")]
-    if "train" in parts:
-        result["train"] = [{"arch": a, "size": s, "seq_len": T, **train_throughput(a, s, T)}
-                           for a, s in grid for T in TRAIN_LENGTHS]
-    if "decode" in parts:
-        result["decode"] = [{"arch": a, "size": s, **decode_latency(a, s, L)} for a, s in grid for L in CONTEXTS]
-    if "batched" in parts:
-        result["batched"] = [{"arch": a, "size": s, **batched_throughput(a, s, b)} for a, s in grid for b in BATCHES]
-    for part, key, metric in (("train", "seq_len", "tokens_per_s"), ("decode", "context", "ms_per_token"),
-                              ("batched", "batch", "tokens_per_s")):
-        for row in result.get(part, []):
-            anchor = next((r for r in result[part] if r["arch"] == "gpt" and r["size"] == row["size"]
-                           and r[key] == row[key]), None)
-            if row["arch"] == "rwkv4" and anchor and row.get(metric) and anchor.get(metric):
-                row["rwkv_over_gpt"] = row[metric] / anchor[metric]
-    if "rnn" in parts:
-        result["rnn"] = rnn_vs_package(sizes[0], package=package)
-    _print_table("train", result.get("train", []), ["arch", "size", "seq_len", "batch", "tokens_per_s", "peak_gib",
-                                                    "rwkv_over_gpt"])
-    _print_table("decode", result.get("decode", []), ["arch", "size", "context", "ms_per_token", "held_gib",
-                                                      "peak_gib", "rwkv_over_gpt"])
-    _print_table("batched", result.get("batched", []), ["arch", "size", "batch", "tokens_per_s", "ms_per_step",
-                                                        "rwkv_over_gpt"])
-    _print_table("rnn", result.get("rnn", []), ["impl", "ms_per_token", "prefill_ms", "first_prefill_ms",
-                                                "rnn_vs_prefill_max_abs", "package_vs_ours_max_abs"])
-    if out_json:
-        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
+    measures = {"train": (train_throughput, TRAIN_LENGTHS), "decode": (decode_latency, CONTEXTS),
+                "batched": (batched_throughput, BATCHES)}
+    for part in (p for p in PARTS if p in parts):   # each part's table (and the JSON so far) as soon as it is done
+        if part == "rnn":
+            result["rnn"] = rnn_vs_package(sizes[0], package=package)
+        else:
+            (measure, values), (key, metric) = measures[part], _RATIO_OF[part]
+            runs = tqdm([(a, s, x) for a, s in grid for x in values], desc=f"bench lm: {part}", unit="run")
+            result[part] = [{"arch": a, "size": s, key: x, **measure(a, s, x)} for a, s, x in runs]
+            _add_ratios(result[part], key, metric)
+        _print_table(part, result[part], _COLUMNS[part])
+        if out_json:
+            Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
     if out_png:
         _plot(result, Path(out_png))
     return result
