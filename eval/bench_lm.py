@@ -270,8 +270,6 @@ def _print_table(part: str, rows: list[dict], columns: list[str]) -> None:
         print("  ".join(f"{c:>14.4g}" if isinstance(c, float) else f"{str(c):>14}" for c in cells))
 
 
-_RATIO_OF = {"train": ("seq_len", "tokens_per_s"), "decode": ("context", "ms_per_token"),
-             "batched": ("batch", "tokens_per_s")}
 _COLUMNS = {"train": ["arch", "size", "seq_len", "batch", "tokens_per_s", "peak_gib", "rwkv_over_gpt"],
             "decode": ["arch", "size", "context", "ms_per_token", "held_gib", "peak_gib", "rwkv_over_gpt"],
             "batched": ["arch", "size", "batch", "tokens_per_s", "ms_per_step", "rwkv_over_gpt"],
@@ -302,13 +300,15 @@ def bench_lm(out_json: str | None = "bench_lm.json", out_png: str | None = "benc
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "wkv": wkv_cuda.status()}
     print(f"{result['device']}, torch {result['torch']}; WKV: {result['wkv']}")
     grid = [(arch, size) for size in sizes for arch in ("rwkv4", "gpt")]
-    measures = {"train": (train_throughput, TRAIN_LENGTHS), "decode": (decode_latency, CONTEXTS),
-                "batched": (batched_throughput, BATCHES)}
+    # per part: the measurement, the values it runs at (the row's `key`), and the metric RWKV/GPT ratios compare
+    measures = {"train": (train_throughput, TRAIN_LENGTHS, "seq_len", "tokens_per_s"),
+                "decode": (decode_latency, CONTEXTS, "context", "ms_per_token"),
+                "batched": (batched_throughput, BATCHES, "batch", "tokens_per_s")}
     for part in (p for p in PARTS if p in parts):   # each part's table (and the JSON so far) as soon as it is done
         if part == "rnn":
             result["rnn"] = rnn_vs_package(sizes[0], package=package)
         else:
-            (measure, values), (key, metric) = measures[part], _RATIO_OF[part]
+            measure, values, key, metric = measures[part]
             runs = tqdm([(a, s, x) for a, s in grid for x in values], desc=f"bench lm: {part}", unit="run")
             result[part] = [{"arch": a, "size": s, key: x, **measure(a, s, x)} for a, s, x in runs]
             _add_ratios(result[part], key, metric)
