@@ -174,6 +174,15 @@ print(json.dumps({"prefill_ms": prefill_ms, "ms_per_token": ms, "cuda_on": os.en
 """
 
 
+def _build_locks_hint() -> str:
+    """torch's extension builds wait, silently and forever, on a `lock` file that a killed build left behind."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()   # as torch's builds choose it
+    locks = sorted(str(p) for p in Path(root).glob("**/lock"))
+    return f"; build locks present (left by a killed build? delete them): {', '.join(locks)}" if locks else ""
+
+
 def _package_run(model, tokens: torch.Tensor) -> dict:
     """The `rwkv` package on this model's weights (exported as an official .pth) in a subprocess: it reads its
     RWKV_* switches at import and builds its own CUDA kernel."""
@@ -190,7 +199,8 @@ def _package_run(model, tokens: torch.Tensor) -> dict:
                                  env=env, capture_output=True, text=True, timeout=PACKAGE_TIMEOUT_S)
         except subprocess.TimeoutExpired as e:
             err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-            return {"error": f"no result within {PACKAGE_TIMEOUT_S} s; its last words: {err.strip()[-300:]!r}"}
+            return {"error": f"no result within {PACKAGE_TIMEOUT_S} s; its last words: {err.strip()[-300:]!r}"
+                             + _build_locks_hint()}
         if run.returncode != 0:
             return {"error": run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "failed"}
         result = json.loads(run.stdout.strip().splitlines()[-1])

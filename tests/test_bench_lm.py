@@ -10,16 +10,24 @@ import zoo
 from eval import bench_lm
 
 
-def test_a_stalled_package_run_becomes_an_error_row(monkeypatch):
+def test_a_stalled_package_run_becomes_an_error_row(monkeypatch, tmp_path):
     """The `rwkv` package runs in a subprocess (it builds its own kernel); past PACKAGE_TIMEOUT_S the bench reports
-    that, with the subprocess's last output, instead of waiting on it."""
+    that, with the subprocess's last output and any extension build lock left behind (torch waits on one forever),
+    instead of waiting on it."""
     def stalled(cmd, **kwargs):
         raise subprocess.TimeoutExpired(cmd, kwargs["timeout"], stderr=b"ninja: building wkv_cuda")
 
     monkeypatch.setattr(bench_lm.subprocess, "run", stalled)
-    result = bench_lm._package_run(zoo.create_model("rwkv4-tiny", n_layer=1), torch.zeros(4, dtype=torch.long))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    model, tokens = zoo.create_model("rwkv4-tiny", n_layer=1), torch.zeros(4, dtype=torch.long)
+    result = bench_lm._package_run(model, tokens)
     assert result["error"].startswith(f"no result within {bench_lm.PACKAGE_TIMEOUT_S} s")
-    assert "ninja: building wkv_cuda" in result["error"]
+    assert "ninja: building wkv_cuda" in result["error"] and "lock" not in result["error"]
+
+    lock = tmp_path / "py312_cu130" / "wkv_cuda" / "lock"   # where torch's versioned build folders put it
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    assert str(lock) in bench_lm._package_run(model, tokens)["error"]
 
 
 def test_each_part_is_printed_and_saved_when_done(monkeypatch, tmp_path, capsys):
