@@ -10,7 +10,9 @@ Parts (all on random weights of the registered shapes; speed does not depend on 
   - rnn:     RWKV-4 at batch 1 against the `rwkv` package (strategy "cuda fp16", its CUDA kernel on) on the same
              fp16 weights: ms/token in RNN mode and a 1024-token prefill through the parallel kernel (repeated, and
              the first one, which captures graphs and compiles), eager, in CUDA graphs, and compiled (torch.compile)
-             in CUDA graphs; the largest logit differences (prefill vs RNN mode; ours vs package).
+             in CUDA graphs; ours also streamed (zoo.decode's `stream`: the pick stays on the GPU, the host reads
+             the ids one step behind; the package and the other parts take each id back before the next step);
+             the largest logit differences (prefill vs RNN mode; ours vs package).
 """
 
 from __future__ import annotations
@@ -106,6 +108,13 @@ def _greedy_loop(decoder, first: torch.Tensor, steps: int) -> torch.Tensor:
     for _ in range(steps):
         token = decoder.step(token).argmax(-1).cpu()
     return token
+
+
+def _streamed_loop(decoder, logits: torch.Tensor, steps: int) -> None:
+    """`steps` tokens through decoder.stream: the greedy pick on the GPU feeds the next step there, and the ids reach
+    the host one step behind (steps + 1 picks: the first comes from `logits`, as _greedy_loop's `first` does)."""
+    for _ in decoder.stream(logits, steps + 1):
+        pass
 
 
 def decode_latency(arch: str, size: str, context: int, steps: int = 64, reps: int = 3) -> dict:
@@ -226,16 +235,18 @@ def rnn_vs_package(size: str = "169m", prompt: int = 1024, steps: int = 64, pack
         first = prefill_logits.argmax(-1).cpu()
         _greedy_loop(decoder, first, 8)
         ms = _synced_ms(lambda: _greedy_loop(decoder, first, steps), 3) / steps
+        streamed_ms = _synced_ms(lambda: _streamed_loop(decoder, prefill_logits, steps), 3) / steps
         prefill_ms = time_ms(lambda: (decoder.reset(), decoder.prefill(tokens)), warmup=2, reps=5, calls=1)
         decoder.reset()                 # RNN mode over the prompt against the parallel prefill
         for t in range(prompt):
             rnn_logits = decoder.step(tokens[0, t:t + 1].cpu()).float()
-        row = {"impl": f"ours ({variant})", "ms_per_token": ms, "prefill_ms": prefill_ms,
-               "first_prefill_ms": first_prefill_ms,
+        row = {"impl": f"ours ({variant})", "ms_per_token": ms, "streamed_ms_per_token": streamed_ms,
+               "prefill_ms": prefill_ms, "first_prefill_ms": first_prefill_ms,
                "rnn_vs_prefill_max_abs": (rnn_logits - prefill_logits).abs().max().item()}
         reference = prefill_logits if reference is None else reference
         rows.append(row)
-        print(f"  rnn: {row['impl']}: {ms:.3f} ms/token, {prompt}-token prefill {prefill_ms:.2f} ms", flush=True)
+        print(f"  rnn: {row['impl']}: {ms:.3f} ms/token ({streamed_ms:.3f} streamed), {prompt}-token prefill "
+              f"{prefill_ms:.2f} ms", flush=True)
     if package:
         print("  rnn: the rwkv package (builds its kernel first) ...", flush=True)
         result = _package_run(model, tokens[0])
@@ -283,8 +294,8 @@ def _print_table(part: str, rows: list[dict], columns: list[str]) -> None:
 _COLUMNS = {"train": ["arch", "size", "seq_len", "batch", "tokens_per_s", "peak_gib", "rwkv_over_gpt"],
             "decode": ["arch", "size", "context", "ms_per_token", "held_gib", "peak_gib", "rwkv_over_gpt"],
             "batched": ["arch", "size", "batch", "tokens_per_s", "ms_per_step", "rwkv_over_gpt"],
-            "rnn": ["impl", "ms_per_token", "prefill_ms", "first_prefill_ms", "rnn_vs_prefill_max_abs",
-                    "package_vs_ours_max_abs"]}
+            "rnn": ["impl", "ms_per_token", "streamed_ms_per_token", "prefill_ms", "first_prefill_ms",
+                    "rnn_vs_prefill_max_abs", "package_vs_ours_max_abs"]}
 
 
 def _add_ratios(rows: list[dict], key: str, metric: str) -> None:

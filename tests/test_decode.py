@@ -1,12 +1,14 @@
 """zoo.decode: prefill + steps give the logits of one parallel forward, for RWKV's RNN state and GPT's KV cache; bad
 calls get clear errors. (The CUDA-graph path is checked in tests/test_gpu.py.)"""
 
+from functools import partial
+
 import pytest
 import torch
 
 import zoo
 from zoo.decode import KVDecoder, RNNDecoder, make_decoder
-from zoo.generate import generate
+from zoo.generate import generate, sample_logits
 
 RNN_MODELS = ["rwkv4-tiny", "rrwkv-tiny", "rwkv5-tiny", "rwkv6-tiny", "rwkv7-tiny"]
 
@@ -76,6 +78,37 @@ def test_gpt_forward_with_cache_counts_positions():
             model(idx[:, :1], cache)
 
 
+def step_loop_ids(decoder, logits, steps, pick):
+    """`steps` ids the plain way: pick on the host's side of each step, the ids sent back through `step`."""
+    ids = []
+    for _ in range(steps):
+        ids.append(pick(logits))
+        logits = decoder.step(ids[-1])
+    return torch.stack(ids)
+
+
+def greedy(logits):
+    return logits.argmax(-1)
+
+
+def sampler():
+    """A sampling pick with its own seeded generator (a fresh one draws the same ids again)."""
+    return partial(sample_logits, temperature=0.9, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", ["rwkv4-tiny", "rwkv7-tiny", "gpt-tiny"])
+def test_stream_generates_what_a_step_loop_generates(name):
+    """stream feeds each pick back without the host: the same ids as a loop over step, greedy and sampled."""
+    model = randomized(name)
+    prompt = torch.randint(0, 256, (2, 7))
+    for make_pick in (lambda: greedy, sampler):
+        decoder = make_decoder(model, 2, capacity=20)
+        streamed = torch.stack(list(decoder.stream(decoder.prefill(prompt), 12, make_pick())))
+        assert streamed.shape == (12, 2) and streamed.device.type == "cpu"
+        decoder = make_decoder(model, 2, capacity=20)
+        assert torch.equal(streamed, step_loop_ids(decoder, decoder.prefill(prompt), 12, make_pick()))
+
+
 def test_generate_greedy_equals_argmax_of_full_forward():
     for name in ("rwkv4-tiny", "gpt-tiny"):
         model = randomized(name)
@@ -113,6 +146,11 @@ def test_bad_calls_get_clear_errors():
         rnn.prefill(torch.tensor([[1, 2]]))
     with pytest.raises(ValueError, match="CUDA graphs need a model on a CUDA device"):
         RNNDecoder(randomized("rwkv4-tiny"), cuda_graph=True)
+    logits = rnn.prefill(torch.tensor([[1, 2], [3, 4]]))
+    with pytest.raises(ValueError, match=r"pick must return integer ids of shape \[2\], got torch.float32 \(2, 256\)"):
+        next(rnn.stream(logits, 3, pick=lambda x: x))
+    with pytest.raises(ValueError, match="steps must be >= 0, got -1"):
+        next(rnn.stream(logits, -1))
     with pytest.raises(TypeError, match="neither an RNN mode"):
         make_decoder(torch.nn.Linear(2, 2))
     for options in ({"compile": True}, {"cuda_graph": True}):

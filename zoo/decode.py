@@ -3,6 +3,8 @@
     decoder = make_decoder(model, batch_size=1)
     logits = decoder.prefill(prompt_ids)        # [B, T] -> logits of the last position [B, V]
     logits = decoder.step(next_ids)             # [B] -> [B, V]
+    for ids in decoder.stream(logits, 100):     # or: ids picked on the device, the host one step behind
+        ...
 
 RWKV models (anything with forward_rnn) keep their constant-size RNN state (RNNDecoder); GPT keeps a KV cache of
 fixed capacity (KVDecoder). On CUDA, the step is captured once in a CUDA graph and replayed: one launch per token
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -101,8 +104,42 @@ class _GraphedStep:
             shape = tuple(token_ids.shape) if isinstance(token_ids, Tensor) else type(token_ids).__name__
             raise ValueError(f"step takes token ids of shape [{self.batch_size}], got {shape}")
         check_tokens(token_ids[:, None], self.model.config.vocab_size, token_ids.device)  # ids on a GPU: one sync
-        self._before_step()
         self.tokens.copy_(token_ids, non_blocking=True)
+        self._advance()
+        return self.logits
+
+    @torch.no_grad()
+    def stream(self, logits: Tensor, steps: int, pick: Callable[[Tensor], Tensor] | None = None) -> Iterator[Tensor]:
+        """Generate `steps` ids per row from logits [B, V] (prefill's or step's): each pick (argmax by default; e.g.
+        functools.partial(zoo.generate.sample_logits, temperature=0.8)) runs on the device and feeds the next step
+        there. Yields the ids [B] on the host, one step behind the device: they are copied out while the next step
+        runs, where a loop over `step` leaves the device idle while the host reads the ids and sends them back.
+        `pick` must return ids in [0, vocab_size) (argmax and sampling do; they are not read back to be checked)."""
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        pick = pick or (lambda last: last.argmax(-1))
+        on_cuda = self.device.type == "cuda"
+        host = torch.empty(self.batch_size, dtype=torch.long, pin_memory=on_cuda)
+        copied = torch.cuda.Event() if on_cuda else None
+        for i in range(steps):
+            ids = pick(logits)
+            if not isinstance(ids, Tensor) or tuple(ids.shape) != (self.batch_size,) or ids.is_floating_point():
+                got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__
+                raise ValueError(f"pick must return integer ids of shape [{self.batch_size}], got {got}")
+            host.copy_(ids, non_blocking=on_cuda)
+            if on_cuda:
+                copied.record()
+            if i + 1 < steps:
+                self.tokens.copy_(ids)
+                self._advance()
+                logits = self.logits
+            if on_cuda:
+                copied.synchronize()
+            yield host.clone()
+
+    def _advance(self) -> None:
+        """One step on self.tokens: the model's step, or a replay of its CUDA graph (captured on first use)."""
+        self._before_step()
         if not self.use_graph:
             self._run()
         else:
@@ -111,7 +148,6 @@ class _GraphedStep:
                 log.info("%s: decoding step captured in a CUDA graph (batch %d)", type(self).__name__, self.batch_size)
             self.graph.replay()
         self._after_step()
-        return self.logits
 
     def _before_step(self) -> None:
         pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -38,26 +39,24 @@ def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_
 def generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
     """Yield new token ids. The prompt is read in parallel, then each token takes one decoding step (zoo.decode: an
-    RNN state for RWKV, a KV cache for GPT; a CUDA graph on CUDA). A GPT whose context would outgrow ctx_len
-    re-reads its last ctx_len tokens for every token instead."""
+    RNN state for RWKV, a KV cache for GPT; a CUDA graph on CUDA), sampled on the device and fed back there while
+    the host reads the previous one (zoo.decode: `stream`). A GPT whose context would outgrow ctx_len re-reads its
+    last ctx_len tokens for every token instead."""
     if not prompt_ids:
         raise ValueError("the prompt must hold at least one token")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
     idx = torch.tensor([prompt_ids], device=device)
+    pick = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     ctx_len = model.config.ctx_len
-    windowed = not hasattr(model, "forward_rnn") and len(prompt_ids) + max_new_tokens > ctx_len
-    if windowed:
-        logits = model(idx[:, -ctx_len:])[:, -1]
-    else:
+    if hasattr(model, "forward_rnn") or len(prompt_ids) + max_new_tokens <= ctx_len:
         decoder = make_decoder(model, 1, capacity=len(prompt_ids) + max_new_tokens)
-        logits = decoder.prefill(idx)
+        for ids in decoder.stream(decoder.prefill(idx), max_new_tokens, pick):
+            yield int(ids[0])
+        return
     for _ in range(max_new_tokens):
-        token = sample_logits(logits, temperature, top_k, top_p, generator)
+        idx = idx[:, -ctx_len:]
+        token = pick(model(idx)[:, -1])
         yield int(token)
-        if windowed:
-            idx = torch.cat([idx, token[:, None]], dim=1)[:, -ctx_len:]
-            logits = model(idx)[:, -1]
-        else:
-            logits = decoder.step(token)
+        idx = torch.cat([idx, token[:, None]], dim=1)
