@@ -4,31 +4,44 @@ Per model and resolution: images/s and peak memory for inference (bf16 autocast,
 step (bf16 autocast forward, backward, AdamW step). DeiT runs timm's attention, which is torch SDPA (flash /
 memory-efficient kernels). The batch shrinks with resolution (224: 128, 512: 32, 1024: 4, 2048: 1) and is the
 same for every model; a configuration that does not fit is recorded as out of memory.
+
+Each model also runs in the torch.compile modes asked for ("none" is eager; "reduce-overhead" adds CUDA graphs,
+which take the host's launches out of the step: Vision-RWKV's many small kernels make its eager step bound by them).
+Ratios compare each Vision-RWKV with its DeiT in the same mode, and with DeiT eager where that ran too.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .bench import time_ms
 
-__all__ = ["bench_vision", "MODELS", "BATCH"]
+__all__ = ["bench_vision", "MODELS", "BATCH", "COMPILE_MODES"]
 
 MODELS = ("vrwkv_tiny", "deit_tiny_patch16_224", "vrwkv_small", "deit_small_patch16_224")
 BATCH = {224: 128, 512: 32, 1024: 4, 2048: 1}
 ANCHORS = {"vrwkv_tiny": "deit_tiny_patch16_224", "vrwkv_small": "deit_small_patch16_224"}
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def _measure(name: str, resolution: int, batch: int, train: bool) -> dict:
+def _measure(name: str, resolution: int, batch: int, train: bool, compile: str = "none") -> dict:
+    """images/s (eval.bench.time_ms after warm-up) and the peak memory from model creation on, compilation and
+    CUDA-graph pools included."""
     import timm
 
+    torch.compiler.reset()  # a fresh compile per model, instead of one that hits dynamo's recompile limit
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = timm.create_model(name, img_size=resolution).cuda()
+    if not train:
+        model.eval()
+    forward = model if compile == "none" else torch.compile(model, mode=None if compile == "default" else compile)
     x = torch.randn(batch, 3, resolution, resolution, device="cuda")
     if train:
         target = torch.randint(0, 1000, (batch,), device="cuda")
@@ -36,22 +49,39 @@ def _measure(name: str, resolution: int, batch: int, train: bool) -> dict:
 
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = F.cross_entropy(model(x), target)
+                loss = F.cross_entropy(forward(x), target)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     else:
-        model.eval()
-
         @torch.no_grad()
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                model(x)
+                forward(x)
     try:
         ms = time_ms(step, warmup=3, reps=5, calls=3)
     except torch.cuda.OutOfMemoryError:
         return {"images_per_s": None, "peak_gb": None, "note": "out of memory"}
     return {"images_per_s": batch / (ms / 1e3), "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """Each Vision-RWKV row against its DeiT at the same resolution and mode (training or inference): in the same
+    compile mode (speed_vs_deit, memory_vs_deit) and, for compiled rows, against DeiT eager (speed_vs_deit_eager)."""
+    def anchor(row, compile):
+        return next((r for r in rows if r["model"] == ANCHORS.get(row["model"]) and r["compile"] == compile
+                     and r["resolution"] == row["resolution"] and r["mode"] == row["mode"] and r["images_per_s"]),
+                    None)
+
+    for row in rows:
+        same, eager = anchor(row, row["compile"]), anchor(row, "none")
+        if not row["images_per_s"]:
+            continue
+        if same:
+            row["speed_vs_deit"] = row["images_per_s"] / same["images_per_s"]
+            row["memory_vs_deit"] = row["peak_gb"] / same["peak_gb"]
+        if eager and row["compile"] != "none":
+            row["speed_vs_deit_eager"] = row["images_per_s"] / eager["images_per_s"]
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -61,16 +91,17 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for mode, ax in zip(("inference", "training"), axes[:2]):
-        for name in MODELS:
-            pts = [(r["resolution"], r["images_per_s"]) for r in rows
-                   if r["model"] == name and r["mode"] == mode and r["images_per_s"]]
-            ax.plot(*zip(*pts), "o-" if name.startswith("vrwkv") else "s--", label=name)
+    lines = dict.fromkeys((r["model"], r["compile"]) for r in rows)
+    panels = [("inference", "images_per_s"), ("training", "images_per_s"), ("training", "peak_gb")]
+    for ax, (mode, metric) in zip(axes, panels):
+        for name, compile in lines:
+            pts = [(r["resolution"], r[metric]) for r in rows
+                   if (r["model"], r["compile"], r["mode"]) == (name, compile, mode) and r[metric]]
+            if pts:
+                ax.plot(*zip(*pts), "o-" if name.startswith("vrwkv") else "s--",
+                        label=name if compile == "none" else f"{name}, compile {compile}")
+    for ax, mode in zip(axes[:2], ("inference", "training")):
         ax.set(yscale="log", ylabel="images / s", title=f"{mode} (bf16 autocast)")
-    for name in MODELS:
-        pts = [(r["resolution"], r["peak_gb"]) for r in rows if r["model"] == name and r["mode"] == "training"
-               and r["peak_gb"]]
-        axes[2].plot(*zip(*pts), "o-" if name.startswith("vrwkv") else "s--", label=name)
     axes[2].set(ylabel="peak GiB", title="training step memory")
     for ax in axes:
         ax.set_xscale("log")
@@ -84,30 +115,45 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def bench_vision(out_json: str | None = "bench_vision.json", out_png: str | None = "bench_vision.png") -> list[dict]:
-    """Every model x resolution x mode; prints a table with each Vision-RWKV's ratios to its DeiT, writes JSON and
-    a PNG plot; returns the rows."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("needs a CUDA GPU")
+def bench_vision(out_json: str | None = "bench_vision.json", out_png: str | None = "bench_vision.png",
+                 models: tuple[str, ...] = MODELS, resolutions: tuple[int, ...] = tuple(BATCH),
+                 compile: tuple[str, ...] = ("none",)) -> list[dict]:
+    """Every model x resolution x mode x compile mode; prints a table with each Vision-RWKV's ratios to its DeiT,
+    writes JSON and a PNG plot; returns the rows."""
+    import timm
+
     import zoo  # noqa: F401  (registers the vrwkv models in timm)
 
-    _measure(MODELS[0], 224, BATCH[224], train=True)  # warm-up: a process's first measurement runs low
-    rows = [{"model": name, "resolution": res, "batch": batch, "mode": mode,
-             **_measure(name, res, batch, mode == "training")}
-            for res, batch in BATCH.items() for mode in ("inference", "training") for name in MODELS]
+    unknown = [m for m in models if m not in timm.list_models()]
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; close: "
+                         f"{[difflib.get_close_matches(m, timm.list_models(), n=3) for m in unknown]}")
+    if not set(resolutions) <= set(BATCH):
+        raise ValueError(f"resolutions must be among {list(BATCH)} (each has its batch), got {list(resolutions)}")
+    bad_modes = [c for c in compile if c not in COMPILE_MODES]
+    if bad_modes:
+        raise ValueError(f"compile modes must be among {COMPILE_MODES}, got {bad_modes}")
+    if not torch.cuda.is_available():
+        raise RuntimeError("needs a CUDA GPU")
+
+    _measure(models[0], 224, BATCH[224], train=True)  # warm-up: a process's first measurement runs low
+    rows = []
+    configs = [(res, mode, c, name) for res in resolutions for mode in ("inference", "training") for c in compile
+               for name in models]
+    for res, mode, c, name in tqdm(configs, desc="bench vision", unit="config"):
+        rows.append({"model": name, "resolution": res, "batch": BATCH[res], "mode": mode, "compile": c,
+                     **_measure(name, res, BATCH[res], mode == "training", c)})
+    _add_ratios(rows)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 autocast")
-    print(f"{'model':<24} {'px':>5} {'batch':>5} {'mode':<10} {'img/s':>10} {'peak GiB':>9} {'x DeiT img/s':>12} "
-          f"{'x DeiT mem':>10}")
+    print(f"{'model':<24} {'px':>5} {'batch':>5} {'mode':<10} {'compile':<16} {'img/s':>10} {'peak GiB':>9} "
+          f"{'x DeiT img/s':>12} {'x DeiT mem':>10} {'x DeiT eager':>12}")
     for row in rows:
-        anchor = next((r for r in rows if r["model"] == ANCHORS.get(row["model"]) and r["resolution"] ==
-                       row["resolution"] and r["mode"] == row["mode"]), None)
-        if anchor and row["images_per_s"] and anchor["images_per_s"]:
-            row["speed_vs_deit"] = row["images_per_s"] / anchor["images_per_s"]
-            row["memory_vs_deit"] = row["peak_gb"] / anchor["peak_gb"]
         speed = f"{row['images_per_s']:10.1f}" if row["images_per_s"] else f"{row.get('note', ''):>10}"
         peak = f"{row['peak_gb']:9.2f}" if row["peak_gb"] else f"{'':>9}"
         ratio = f"{row['speed_vs_deit']:11.2f}x {row['memory_vs_deit']:9.2f}x" if "speed_vs_deit" in row else ""
-        print(f"{row['model']:<24} {row['resolution']:>5} {row['batch']:>5} {row['mode']:<10} {speed} {peak} {ratio}")
+        eager = f" {row['speed_vs_deit_eager']:11.2f}x" if "speed_vs_deit_eager" in row else ""
+        print(f"{row['model']:<24} {row['resolution']:>5} {row['batch']:>5} {row['mode']:<10} {row['compile']:<16} "
+              f"{speed} {peak} {ratio}{eager}")
     if out_json:
         Path(out_json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                               "rows": rows}, indent=2) + "\n")

@@ -251,8 +251,9 @@ def _cmd_bench_vision(args) -> None:
     from .bench_vision import bench_vision
 
     try:
-        bench_vision(args.json, args.plot)
-    except RuntimeError as e:
+        chosen = {k: tuple(getattr(args, k)) for k in ("models", "resolutions", "compile") if getattr(args, k)}
+        bench_vision(args.json, args.plot, **chosen)
+    except (RuntimeError, ValueError) as e:
         sys.exit(f"zoo bench vision: {e}")
 
 
@@ -291,7 +292,14 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     v = kinds.add_parser("vision", help="vrwkv_tiny/small against timm's DeiT, 224 to 2048 px (GPU)",
                          description="Images/s and peak memory, inference and training step, of vrwkv_tiny and "
                                      "vrwkv_small against timm's deit_tiny/small_patch16_224 at 224, 512, 1024 and "
-                                     "2048 px, in one process; print a table, write JSON and a PNG plot.")
+                                     "2048 px, eager or compiled, in one process; print a table, write JSON and a "
+                                     "PNG plot.")
+    v.add_argument("--models", nargs="+", help="timm model names (default: vrwkv_tiny/small and their DeiTs; a "
+                   "vrwkv measured beside its DeiT gets ratios)")
+    v.add_argument("--resolutions", nargs="+", type=int, help="among 224 512 1024 2048 (default: all)")
+    v.add_argument("--compile", nargs="+", metavar="MODE",
+                   help="torch.compile modes to run each model in (default: none): none (eager), default, "
+                        "reduce-overhead (with CUDA graphs), max-autotune, max-autotune-no-cudagraphs")
     v.add_argument("--json", default="bench_vision.json", help="where to write the rows")
     v.add_argument("--plot", default="bench_vision.png", help="where to write the plot")
     v.set_defaults(func=_cmd_bench_vision)
