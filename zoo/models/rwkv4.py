@@ -105,17 +105,23 @@ class RWKV4LM(nn.Module):
         check_tokens(idx, self.config.vocab_size, self.emb.weight.device)
         if state is not None:
             self.check_state(state, idx.shape[0])
-        x = self.emb(idx)
-        new_state = []
-        for i, block in enumerate(self.blocks):
-            block_state = None if state is None else state[i]
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x, s = checkpoint(block, x, block_state, use_reentrant=False)
-            else:
-                x, s = block(x, block_state)
-            new_state.append(s)
+        x, new_state = self._through_blocks(self.emb(idx), state)
         logits = self.head(self.ln_out(x[:, -logits_to_keep:] if logits_to_keep else x))
         return (logits, torch.stack(new_state)) if return_state else logits
+
+    def _through_blocks(self, x: Tensor, state: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+        """x through every block, each from its layer of `state` (None: empty); returns x and the blocks' states."""
+        new_state = []
+        for i, block in enumerate(self.blocks):
+            x, s = self._call_block(block, x, None if state is None else state[i])
+            new_state.append(s)
+        return x, new_state
+
+    def _call_block(self, block: nn.Module, *inputs):
+        """block(*inputs); with grad checkpointing on, its activations are recomputed in the backward."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *inputs, use_reentrant=False)
+        return block(*inputs)
 
     def forward_rnn(self, token_ids: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One step of RNN mode. token_ids: [B]. Returns (logits [B, V], new state)."""

@@ -13,12 +13,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from blocks.rwkv7 import RWKV7Block
 
 from ..registry import register_model
-from ._validate import check_tokens
 from .rwkv4 import RWKV4Config, RWKV4LM, official_common_fields
 
 __all__ = ["RWKV7Config", "RWKV7LM", "official_lora_ranks", "checkpoint_filter_fn", "config_from_state_dict",
@@ -78,23 +76,14 @@ class RWKV7LM(RWKV4LM):
         return RWKV7Block(c.n_embd, c.ffn_size, c.head_size, layer_id, c.n_layer, ranks["decay"], ranks["iclr"],
                           ranks["value"], ranks["gate"])
 
-    def forward(self, idx: Tensor, state: Tensor | None = None, return_state: bool = False, logits_to_keep: int = 0):
-        """idx: [B, T] token ids. Returns logits [B, T, V] (of the last `logits_to_keep` positions only when > 0), and
-        the new state if return_state.
-        v_first, layer 0's values, goes from block to block within the call; it is not part of the state."""
-        check_tokens(idx, self.config.vocab_size, self.emb.weight.device)
-        if state is not None:
-            self.check_state(state, idx.shape[0])
-        x, v_first, new_state = self.emb(idx), None, []
+    def _through_blocks(self, x: Tensor, state: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+        """RWKV4LM's, with v_first (layer 0's values) passed from block to block within the call; it is not part of
+        the state."""
+        v_first, new_state = None, []
         for i, block in enumerate(self.blocks):
-            inputs = (x, v_first, None if state is None else state[i])
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x, v_first, s = checkpoint(block, *inputs, use_reentrant=False)
-            else:
-                x, v_first, s = block(*inputs)
+            x, v_first, s = self._call_block(block, x, v_first, None if state is None else state[i])
             new_state.append(s)
-        logits = self.head(self.ln_out(x[:, -logits_to_keep:] if logits_to_keep else x))
-        return (logits, torch.stack(new_state)) if return_state else logits
+        return x, new_state
 
     def no_weight_decay(self) -> set[str]:
         """The official trainer decays only the `.weight` matrices (emb, head, the linear layers); not LoRA factors,
