@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from recipes.config import COMPILE_MODES as RECIPE_COMPILE_MODES
+
 from .bench import time_ms
 
 __all__ = ["bench_vision", "MODELS", "BATCH", "COMPILE_MODES"]
@@ -27,7 +29,7 @@ __all__ = ["bench_vision", "MODELS", "BATCH", "COMPILE_MODES"]
 MODELS = ("vrwkv_tiny", "deit_tiny_patch16_224", "vrwkv_small", "deit_small_patch16_224")
 BATCH = {224: 128, 512: 32, 1024: 4, 2048: 1}
 ANCHORS = {"vrwkv_tiny": "deit_tiny_patch16_224", "vrwkv_small": "deit_small_patch16_224"}
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("none", *RECIPE_COMPILE_MODES)
 
 
 def _measure(name: str, resolution: int, batch: int, train: bool, compile: str = "none") -> dict:

@@ -76,6 +76,7 @@ class ClassifyConfig:
     device: str = "auto"
     strategy: str = "ddp"
     grad_checkpointing: bool = False
+    compile: Optional[str] = None   # a torch.compile mode (recipes.config.COMPILE_MODES), e.g. reduce-overhead
     threads: int = 0
     save_every: int = 1             # epochs
     keep_last: int = 2

@@ -283,7 +283,8 @@ def prepare_out_dir(cfg, ranks: Ranks) -> Path:
 
 def prepare_model(model: nn.Module, cfg, out_dir: Path, ranks: Ranks) -> tuple[nn.Module, Path | None]:
     """The model on this rank's device with the weights of the checkpoint to resume from (if any), gradient
-    checkpointing as the recipe says, wrapped for its strategy; and that checkpoint."""
+    checkpointing and torch.compile as the recipe says (compiled in place: the module, its parameter names and
+    checkpoints stay as they are), wrapped for its strategy; and that checkpoint."""
     model = model.to(ranks.device)
     resume_from = _find_resume(cfg, out_dir, ranks)
     if resume_from is not None:
@@ -291,6 +292,8 @@ def prepare_model(model: nn.Module, cfg, out_dir: Path, ranks: Ranks) -> tuple[n
         load_weights(model, {k: v.to(ranks.device) for k, v in weights.items()}, str(resume_from))
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing()
+    if cfg.compile:
+        model.compile(mode=None if cfg.compile == "default" else cfg.compile)
     return wrap_model(model, cfg.strategy, ranks), resume_from
 
 

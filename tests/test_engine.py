@@ -291,6 +291,28 @@ def test_grad_accum_sums_micro_batches_like_one_large_batch(tmp_path, text_dir, 
         torch.testing.assert_close(weights_accum[key], weights_large[key], rtol=1e-5, atol=1e-7)
 
 
+def test_compiled_run_trains_like_the_eager_one(tmp_path, text_dir):
+    """compile=default: the same losses and weights as eager (CPU, inductor), saved under the same names."""
+    from torch._dynamo.utils import counters
+
+    for name, extra in (("eager", ()), ("compiled", ("compile=default",))):
+        counters.clear()
+        tiny_run(tmp_path / name, text_dir, "max_steps=2", *extra)
+        assert bool(counters["stats"]["unique_graphs"]) == bool(extra)   # dynamo compiled the model, or nothing
+    assert train_losses(tmp_path / "compiled") == pytest.approx(train_losses(tmp_path / "eager"), rel=1e-4)
+    eager, compiled = (zoo.load_checkpoint(tmp_path / name / "model").state_dict() for name in ("eager", "compiled"))
+    assert compiled.keys() == eager.keys()
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides, needle", [(["compile=fast"], "compile must be one of default, reduce-overhead"),
+                                               (["compile=default", "strategy=fsdp"], "not offered with strategy=fsdp")])
+def test_bad_compile_settings_are_recipe_errors(overrides, needle):
+    with pytest.raises(RecipeError, match=needle):
+        load_recipe(RECIPE, overrides)
+
+
 # --- logs, checkpoints, resume, failures ----------------------------------------------------------
 
 
