@@ -63,3 +63,16 @@ def test_cli_generate_streams_from_a_checkpoint(tmp_path, capsys):
     main(["generate", str(tmp_path / "m"), "--prompt", "abc", "--max-new-tokens", "12", "--seed", "0"])
     out = capsys.readouterr().out
     assert out.startswith("abc") and len(out.encode()) >= len("abc") + 1
+
+
+def test_compiled_generation_samples_what_eager_does(tmp_path, capsys):
+    """compile=True (torch.compile of the RNN step and the prefill) draws the same ids for a seed; GPT has no
+    compiled decoder, and the CLI says so."""
+    torch.manual_seed(0)
+    model = zoo.create_model("rwkv4-tiny", n_layer=1, n_embd=32).eval()
+    prompt = list(b"hello")
+    eager = list(generate(model, prompt, 8, temperature=0.8, seed=3))
+    assert list(generate(model, prompt, 8, temperature=0.8, seed=3, compile=True)) == eager
+    zoo.save_checkpoint(zoo.create_model("gpt-tiny", n_layer=1), tmp_path / "gpt")
+    with pytest.raises(SystemExit, match="zoo generate: compile is offered for RWKV models' RNN decoding, not for"):
+        main(["generate", str(tmp_path / "gpt"), "--max-new-tokens", "2", "--compile"])

@@ -69,10 +69,13 @@ def _cmd_generate(args) -> None:
                          f"{model.config.vocab_size}")
     decode = StreamDecoder(tokenizer)
     sys.stdout.write(args.prompt)
-    for token in generate(model, tokenizer.encode(args.prompt), args.max_new_tokens, args.temperature,
-                          args.top_k, args.top_p, args.seed):
-        sys.stdout.write(decode(token))
-        sys.stdout.flush()
+    try:
+        for token in generate(model, tokenizer.encode(args.prompt), args.max_new_tokens, args.temperature,
+                              args.top_k, args.top_p, args.seed, args.compile):
+            sys.stdout.write(decode(token))
+            sys.stdout.flush()
+    except ValueError as e:   # bad sampling settings, compile for a model without an RNN mode
+        raise SystemExit(f"zoo generate: {e}") from None
     sys.stdout.write(decode.flush() + "\n")
 
 
@@ -103,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--tokenizer", default=None, help="byte, neox or world (default: the model's)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="compile an RWKV model's decoding steps (torch.compile: "
+                   "a first step that takes seconds, then the fastest steps on a GPU)")
     p.set_defaults(func=_cmd_generate)
 
     for ep in sorted(entry_points(group="zoo.commands"), key=lambda e: e.name):

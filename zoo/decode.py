@@ -114,7 +114,8 @@ class _GraphedStep:
         functools.partial(zoo.generate.sample_logits, temperature=0.8)) runs on the device and feeds the next step
         there. Yields the ids [B] on the host, one step behind the device: they are copied out while the next step
         runs, where a loop over `step` leaves the device idle while the host reads the ids and sends them back.
-        `pick` must return ids in [0, vocab_size) (argmax and sampling do; they are not read back to be checked)."""
+        The last ids are not fed (`step(ids)` goes on from them). `pick` must return ids in [0, vocab_size)
+        (argmax and sampling do; they are not read back to be checked)."""
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         pick = pick or (lambda last: last.argmax(-1))
@@ -329,10 +330,13 @@ class KVDecoder(_GraphedStep):
 
 
 def make_decoder(model: nn.Module, batch_size: int = 1, capacity: int | None = None,
-                 cuda_graph: bool | None = None) -> RNNDecoder | KVDecoder:
-    """The decoder for this model: RNNDecoder for RWKV models (forward_rnn), KVDecoder for GPT (new_cache)."""
+                 cuda_graph: bool | None = None, compile: bool | str = False) -> RNNDecoder | KVDecoder:
+    """The decoder for this model: RNNDecoder for RWKV models (forward_rnn; `compile` as RNNDecoder takes it),
+    KVDecoder for GPT (new_cache)."""
     if hasattr(model, "forward_rnn"):
-        return RNNDecoder(model, batch_size, cuda_graph)
+        return RNNDecoder(model, batch_size, cuda_graph, compile=compile)
+    if compile:
+        raise ValueError(f"compile is offered for RWKV models' RNN decoding, not for {type(model).__name__}")
     if hasattr(model, "new_cache"):
         return KVDecoder(model, batch_size, capacity, cuda_graph)
     raise TypeError(f"{type(model).__name__} has neither an RNN mode (forward_rnn) nor a KV cache (new_cache)")

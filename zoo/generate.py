@@ -37,11 +37,12 @@ def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_
 
 @torch.no_grad()
 def generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
+             top_k: int = 0, top_p: float = 1.0, seed: int | None = None, compile: bool = False) -> Iterator[int]:
     """Yield new token ids. The prompt is read in parallel, then each token takes one decoding step (zoo.decode: an
     RNN state for RWKV, a KV cache for GPT; a CUDA graph on CUDA), sampled on the device and fed back there while
     the host reads the previous one (zoo.decode: `stream`). A GPT whose context would outgrow ctx_len re-reads its
-    last ctx_len tokens for every token instead."""
+    last ctx_len tokens for every token instead. compile=True compiles an RWKV model's steps and prefill
+    (torch.compile; RNNDecoder), which pays on CUDA for long generations."""
     if not prompt_ids:
         raise ValueError("the prompt must hold at least one token")
     device = next(model.parameters()).device
@@ -51,7 +52,7 @@ def generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, tempe
     pick = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     ctx_len = model.config.ctx_len
     if hasattr(model, "forward_rnn") or len(prompt_ids) + max_new_tokens <= ctx_len:
-        decoder = make_decoder(model, 1, capacity=len(prompt_ids) + max_new_tokens)
+        decoder = make_decoder(model, 1, capacity=len(prompt_ids) + max_new_tokens, compile=compile)
         for ids in decoder.stream(decoder.prefill(idx), max_new_tokens, pick):
             yield int(ids[0])
         return
