@@ -100,8 +100,14 @@ def test_non_state_dict_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         zoo.load_checkpoint(tmp_path / "absent.pth")
     torch.save({"foo": torch.zeros(2)}, tmp_path / "other.pth")
-    with pytest.raises(CheckpointError, match="not an official RWKV-4/5/6/7 state dict .no version matches"):
+    with pytest.raises(CheckpointError, match="not an official RWKV-4/5/6/7 state dict .no version matches") as e:
         zoo.load_checkpoint(tmp_path / "other.pth")
+    assert "it looks like" not in str(e.value).split(")", 1)[1]
+    for keys, kind in ((["image_model.patch_embed.projection.weight", "text_model.emb.weight"], "an RWKV-CLIP"),
+                       (["backbone.layers.0.att.key.weight", "head.fc.weight"], "a Vision-RWKV .mmcls.")):
+        torch.save(dict.fromkeys(keys, torch.zeros(2)), tmp_path / "foreign.pth")
+        with pytest.raises(CheckpointError, match=f"it looks like {kind} checkpoint: load it with zoo.create_model"):
+            zoo.load_checkpoint(tmp_path / "foreign.pth")
 
 
 @pytest.mark.parametrize("arch", ["rwkv4", "rwkv5", "rwkv6", "rwkv7"])

@@ -176,8 +176,17 @@ def official_format(state_dict: dict[str, Tensor], source: str | os.PathLike = "
     if len(matches) != 1:
         some_keys = ", ".join(list(state_dict)[:6])
         found = f"it looks like {' and '.join(a for a, _ in matches)}" if matches else "no version matches its keys"
-        raise CheckpointError(f"{source} is not an official RWKV-4/5/6/7 state dict ({found}; keys: {some_keys} ...)")
+        raise CheckpointError(f"{source} is not an official RWKV-4/5/6/7 state dict ({found}; keys: {some_keys} ...)"
+                              + _other_format_hint(state_dict))
     return matches[0]
+
+
+def _other_format_hint(state_dict: dict[str, Tensor]) -> str:
+    """For official vision and CLIP checkpoints, whose configuration the keys do not give: how to load them."""
+    prefixes = {key.split(".", 1)[0] for key in state_dict}
+    kind = ("an RWKV-CLIP checkpoint" if prefixes & {"image_model", "text_model"} else
+            "a Vision-RWKV (mmcls) checkpoint" if "backbone" in prefixes else None)
+    return f"; it looks like {kind}: load it with zoo.create_model(NAME, pretrained=PATH)" if kind else ""
 
 
 def export_official(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
