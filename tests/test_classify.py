@@ -139,3 +139,17 @@ def test_bad_sources_are_named(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         zoo_main(["train", "vision/vrwkv_tiny_fmnist", f"out_dir={tmp_path / 'b'}", f"data.source={tmp_path}", *TINY])
     assert "expected 'fashion-mnist', a folder with train/ and val/" in str(exit_info.value.code)
+
+
+def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, fmnist_dir):
+    """compile=default (torch.compile in place): the epoch's loss of an eager run, and a saved model that reloads."""
+    from torch._dynamo.utils import counters
+
+    runs = {}
+    for c in ("null", "default"):
+        counters.clear()
+        runs[c] = run(tmp_path / c, f"fashion-mnist:{fmnist_dir}", "epochs=1", f"compile={c}")
+        assert bool(counters["stats"]["unique_graphs"]) == (c == "default")
+    assert runs["default"]["final"]["loss"] == pytest.approx(runs["null"]["final"]["loss"], rel=1e-3)
+    assert zoo.load_checkpoint(tmp_path / "default" / "model").state_dict().keys() == \
+        zoo.load_checkpoint(tmp_path / "null" / "model").state_dict().keys()
