@@ -71,7 +71,7 @@ class TrainConfig:
     device: str = "auto"            # auto (under torchrun: this process's GPU, cuda:LOCAL_RANK), cpu, cuda, cuda:N
     strategy: str = "ddp"           # data parallelism over torchrun's processes: ddp, or fsdp (FSDP2, per block)
     grad_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
-    compile: Optional[str] = None   # a torch.compile mode for the model (COMPILE_MODES), e.g. reduce-overhead
+    compile: Optional[str] = None   # a torch.compile mode (COMPILE_MODES), e.g. reduce-overhead; fsdp: per block
     threads: int = 0                # CPU threads for torch (0: torch's default)
     eval_every: int = 100
     eval_batches: int = 8
@@ -93,9 +93,6 @@ def check_common(cfg, positive: tuple[str, ...]) -> None:
         raise RecipeError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.compile is not None and cfg.compile not in COMPILE_MODES:
         raise RecipeError(f"compile must be one of {', '.join(COMPILE_MODES)} (or null), got {cfg.compile!r}")
-    if cfg.compile is not None and cfg.strategy == "fsdp":
-        raise RecipeError("compile is not offered with strategy=fsdp yet (FSDP2 wants each block compiled before "
-                          "sharding); use strategy=ddp or compile=null")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise RecipeError(f"{name} must be >= 1, got {getattr(cfg, name)}")

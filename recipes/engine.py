@@ -292,8 +292,9 @@ def prepare_model(model: nn.Module, cfg, out_dir: Path, ranks: Ranks) -> tuple[n
         load_weights(model, {k: v.to(ranks.device) for k, v in weights.items()}, str(resume_from))
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing()
-    if cfg.compile:
-        model.compile(mode=None if cfg.compile == "default" else cfg.compile)
+    if cfg.compile:  # FSDP2 shards each block, so each block is compiled on its own, before the sharding
+        for module in model.blocks if cfg.strategy == "fsdp" else [model]:
+            module.compile(mode=None if cfg.compile == "default" else cfg.compile)
     return wrap_model(model, cfg.strategy, ranks), resume_from
 
 

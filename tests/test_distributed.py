@@ -75,6 +75,12 @@ def test_fsdp2_on_two_processes_matches_one_process(tmp_path, text_dir, one_proc
     assert final.keys() == checkpoint.keys() and all(torch.equal(final[k], checkpoint[k]) for k in final)
 
 
+def test_fsdp2_with_compiled_blocks_matches_one_process(tmp_path, text_dir, one_process):
+    """compile=default under FSDP2: each block compiled before it is sharded; the losses of one eager process."""
+    assert_ran(torchrun(tmp_path / "fsdp", text_dir, "strategy=fsdp", "compile=default"))
+    assert_same_losses(train_losses(tmp_path / "fsdp"), one_process, rel=1e-5)
+
+
 @pytest.mark.parametrize("fault", ["kill_after_step:13", "kill_while_saving:15"])
 def test_a_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path, text_dir, two_processes, fault):
     """Rank 0 dies of SIGKILL after step 13, or while it writes the step-15 checkpoint (torchrun then stops the
