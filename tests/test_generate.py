@@ -73,6 +73,9 @@ def test_compiled_generation_samples_what_eager_does(tmp_path, capsys):
     prompt = list(b"hello")
     eager = list(generate(model, prompt, 8, temperature=0.8, seed=3))
     assert list(generate(model, prompt, 8, temperature=0.8, seed=3, compile=True)) == eager
+    windowed = zoo.create_model("gpt-tiny", n_layer=1, ctx_len=8)
+    with pytest.raises(ValueError, match="compile is offered for RWKV models' RNN decoding, not for GPTLM"):
+        list(generate(windowed, [1, 2, 3, 4, 5, 6], 10, compile=True))    # past ctx_len: no decoder to compile
     zoo.save_checkpoint(zoo.create_model("gpt-tiny", n_layer=1), tmp_path / "gpt")
     with pytest.raises(SystemExit, match="zoo generate: compile is offered for RWKV models' RNN decoding, not for"):
         main(["generate", str(tmp_path / "gpt"), "--max-new-tokens", "2", "--compile"])

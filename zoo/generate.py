@@ -56,6 +56,8 @@ def generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, tempe
         for ids in decoder.stream(decoder.prefill(idx), max_new_tokens, pick):
             yield int(ids[0])
         return
+    if compile:  # the window has no decoder to compile, as make_decoder says for the other GPT case
+        raise ValueError(f"compile is offered for RWKV models' RNN decoding, not for {type(model).__name__}")
     for _ in range(max_new_tokens):
         idx = idx[:, -ctx_len:]
         token = pick(model(idx)[:, -1])
