@@ -43,7 +43,7 @@ def _measure(name: str, resolution: int, batch: int, train: bool, compile: str =
     model = timm.create_model(name, img_size=resolution).cuda()
     if not train:
         model.eval()
-    forward = model if compile == "none" else torch.compile(model, mode=None if compile == "default" else compile)
+    forward = model if compile == "none" else torch.compile(model, mode=compile)
     x = torch.randn(batch, 3, resolution, resolution, device="cuda")
     if train:
         target = torch.randint(0, 1000, (batch,), device="cuda")
@@ -126,10 +126,11 @@ def bench_vision(out_json: str | None = "bench_vision.json", out_png: str | None
 
     import zoo  # noqa: F401  (registers the vrwkv models in timm)
 
-    unknown = [m for m in models if m not in timm.list_models()]
+    known = timm.list_models()
+    unknown = [m for m in models if m not in known]
     if unknown:
-        raise ValueError(f"unknown models {unknown}; close: "
-                         f"{[difflib.get_close_matches(m, timm.list_models(), n=3) for m in unknown]}")
+        close = [difflib.get_close_matches(m, known, n=3) for m in unknown]
+        raise ValueError(f"unknown models {unknown}; close: {close}")
     if not set(resolutions) <= set(BATCH):
         raise ValueError(f"resolutions must be among {list(BATCH)} (each has its batch), got {list(resolutions)}")
     bad_modes = [c for c in compile if c not in COMPILE_MODES]

@@ -294,7 +294,7 @@ def prepare_model(model: nn.Module, cfg, out_dir: Path, ranks: Ranks) -> tuple[n
         model.set_grad_checkpointing()
     if cfg.compile:  # FSDP2 shards each block, so each block is compiled on its own, before the sharding
         for module in model.blocks if cfg.strategy == "fsdp" else [model]:
-            module.compile(mode=None if cfg.compile == "default" else cfg.compile)
+            module.compile(mode=cfg.compile)
     return wrap_model(model, cfg.strategy, ranks), resume_from
 
 
