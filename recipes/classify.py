@@ -75,7 +75,7 @@ class ClassifyConfig:
     precision: str = "auto"
     device: str = "auto"
     strategy: str = "ddp"
-    grad_checkpointing: bool = False
+    grad_checkpointing: Any = False   # true or selective (recipes.config.TrainConfig)
     compile: Optional[str] = None   # a torch.compile mode (recipes.config.COMPILE_MODES), e.g. reduce-overhead
     threads: int = 0
     save_every: int = 1             # epochs

@@ -11,6 +11,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from blocks.checkpointing import check_grad_checkpointing
 from zoo import UnknownModelError, list_models
 from zoo.factory import build_config
 from zoo.registry import get_entry
@@ -70,7 +71,8 @@ class TrainConfig:
     precision: str = "auto"         # auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32
     device: str = "auto"            # auto (under torchrun: this process's GPU, cuda:LOCAL_RANK), cpu, cuda, cuda:N
     strategy: str = "ddp"           # data parallelism over torchrun's processes: ddp, or fsdp (FSDP2, per block)
-    grad_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
+    grad_checkpointing: Any = False  # recompute each block's activations in the backward (less memory): true
+                                    # (all of it) or selective (all but products' and kernels' outputs)
     compile: Optional[str] = None   # a torch.compile mode (COMPILE_MODES), e.g. reduce-overhead; fsdp: per block
     threads: int = 0                # CPU threads for torch (0: torch's default)
     eval_every: int = 100
@@ -86,13 +88,18 @@ class TrainConfig:
 
 
 def check_common(cfg, positive: tuple[str, ...]) -> None:
-    """The checks every recipe schema shares: strategy, precision, compile, and fields that must be >= 1."""
+    """The checks every recipe schema shares: strategy, precision, compile, grad_checkpointing, and fields that
+    must be >= 1."""
     if cfg.strategy not in STRATEGIES:
         raise RecipeError(f"strategy must be one of {', '.join(STRATEGIES)}, got {cfg.strategy!r}")
     if cfg.precision not in PRECISIONS:
         raise RecipeError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.compile is not None and cfg.compile not in COMPILE_MODES:
         raise RecipeError(f"compile must be one of {', '.join(COMPILE_MODES)} (or null), got {cfg.compile!r}")
+    try:
+        check_grad_checkpointing(cfg.grad_checkpointing)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
     for name in positive:
         if getattr(cfg, name) < 1:
             raise RecipeError(f"{name} must be >= 1, got {getattr(cfg, name)}")

@@ -291,7 +291,7 @@ def prepare_model(model: nn.Module, cfg, out_dir: Path, ranks: Ranks) -> tuple[n
         weights = read_state_dict(resume_from)[0]
         load_weights(model, {k: v.to(ranks.device) for k, v in weights.items()}, str(resume_from))
     if cfg.grad_checkpointing:
-        model.set_grad_checkpointing()
+        model.set_grad_checkpointing(cfg.grad_checkpointing)
     if cfg.compile:  # FSDP2 shards each block, so each block is compiled on its own, before the sharding
         for module in model.blocks if cfg.strategy == "fsdp" else [model]:
             module.compile(mode=cfg.compile)

@@ -181,7 +181,8 @@ def test_clip_benchmark_api_gives_our_numbers(fmnist_dir):  # noqa: F811
     assert theirs == pytest.approx(ours, abs=1e-6)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("mode", [True, "selective"], ids=["full", "selective"])
+def test_gradient_checkpointing_gives_the_same_gradients(mode):
     torch.manual_seed(0)
     model = zoo.create_model("RWKV-CLIP-tiny")
     images, text = torch.randn(2, 3, 64, 64), zoo.get_tokenizer("clip")(["a cat", "two dogs"])
@@ -193,8 +194,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain = grads()
-    model.set_grad_checkpointing()
-    assert model.text.grad_checkpointing and model.visual.grad_checkpointing
+    model.set_grad_checkpointing(mode)
+    assert model.text.grad_checkpointing == mode and model.visual.grad_checkpointing == mode
     checkpointed = grads()
     assert plain.keys() == checkpointed.keys() and len(plain) > 20
     for name in plain:

@@ -87,6 +87,48 @@ def test_vrwkv_on_cuda_matches_cpu_fp64_and_trains_under_bf16():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_selective_checkpointing_keeps_the_bi_wkv_output_and_less_memory(monkeypatch, compile):
+    """vrwkv_tiny training at 512 px under bf16 autocast: selective checkpointing keeps the Bi-WKV kernel's outputs
+    (the policy sees the zoo op), gives the plain backward's gradients and holds well under its activations."""
+    import timm
+
+    from blocks import checkpointing
+
+    seen, policy = set(), checkpointing.keep_products_and_kernels
+
+    def recording(ctx, op, *args, **kwargs):
+        seen.add(getattr(op, "namespace", None))
+        return policy(ctx, op, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "keep_products_and_kernels", recording)
+    torch.manual_seed(0)
+    model = timm.create_model("vrwkv_tiny", img_size=512, drop_path_rate=0.0).cuda()
+    forward = torch.compile(model) if compile else model
+    x = torch.randn(4, 3, 512, 512, device="cuda")
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = forward(x).float().logsumexp(-1).sum()
+        loss.backward()
+        peak = torch.cuda.max_memory_allocated() - start
+        return peak, {n: p.grad.float() for n, p in model.named_parameters()}
+
+    step()   # compiles
+    plain_peak, plain = step()
+    model.set_grad_checkpointing("selective")
+    step()
+    peak, grads = step()
+    assert "zoo" in seen
+    assert peak < 0.6 * plain_peak, (peak, plain_peak)
+    for n in plain:
+        assert rel_err(grads[n], plain[n]) < 2e-2, n
+
+
 @pytest.mark.parametrize("name,compile", [("rwkv4-tiny", False), ("rwkv4-tiny", True), ("rwkv7-tiny", False),
                                           ("gpt-tiny", False)])
 def test_cuda_graph_decoding_matches_parallel_forward(name, compile):

@@ -196,7 +196,8 @@ def test_state_has_a_constant_size_and_batch_on_dim_2():
         assert state.shape == (3, 10, 1, 32) and torch.isfinite(state).all() and torch.isfinite(step_logits).all()
 
 
-def test_gradients_flow_through_carried_state_and_checkpointing_keeps_them():
+@pytest.mark.parametrize("mode", [True, "selective"], ids=["full", "selective"])
+def test_gradients_flow_through_carried_state_and_checkpointing_keeps_them(mode):
     model = tiny()
     idx = torch.randint(0, VOCAB, (2, 12))
 
@@ -208,7 +209,7 @@ def test_gradients_flow_through_carried_state_and_checkpointing_keeps_them():
 
     plain = grads()
     assert plain["blocks.0.att.time_decay_w1"].abs().max() > 0 and plain["blocks.0.att.time_faaaa"].abs().max() > 0
-    model.set_grad_checkpointing(True)
+    model.set_grad_checkpointing(mode)
     checkpointed = grads()
     assert all(torch.allclose(checkpointed[n], g, rtol=1e-5, atol=1e-7) for n, g in plain.items())
 

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from blocks.checkpointing import check_grad_checkpointing, run_block
 from blocks.vision import VRWKVBlock, bi_token_shift
 
 from ..registry import register_model
@@ -111,8 +111,7 @@ class TextRWKV(nn.Module):
                              "(the tokenizer truncates to it)")
         x = self.token_embedding(text)
         for block in self.blocks:
-            x = checkpoint(block, x, None, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() \
-                else block(x, None)
+            x = run_block(self.grad_checkpointing, block, x, None)
         x = self.ln_final(x)
         if self.pool == "normalized-mean":
             return F.normalize(x, dim=-1).mean(1)
@@ -178,9 +177,10 @@ class RWKVCLIP(ImageTextModel):
         features = self.text_projection(self.text(text))
         return F.normalize(features, dim=-1) if normalize else features
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
+    def set_grad_checkpointing(self, enable: bool | str = True) -> None:
+        """Both towers (blocks.checkpointing: False, True or "selective")."""
         self.visual.set_grad_checkpointing(enable)
-        self.text.grad_checkpointing = enable
+        self.text.grad_checkpointing = check_grad_checkpointing(enable)
 
     def no_weight_decay(self) -> set[str]:
         return {"logit_scale", *(f"visual.{n}" for n in self.visual.no_weight_decay())}
@@ -255,7 +255,9 @@ class OpenCLIPBaseline(ImageTextModel):
     def encode_text(self, text: Tensor, normalize: bool = False) -> Tensor:
         return self.model.encode_text(text, normalize=normalize)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
+    def set_grad_checkpointing(self, enable: bool | str = True) -> None:
+        if check_grad_checkpointing(enable) == "selective":
+            raise ValueError("open_clip's towers take grad checkpointing True or False, not 'selective'")
         self.model.set_grad_checkpointing(enable)
 
     def no_weight_decay(self) -> set[str]:

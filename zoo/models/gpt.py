@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from blocks import GPTBlock, KVCache
+from blocks.checkpointing import check_grad_checkpointing, run_block
 
 from ..registry import register_model
 from ._validate import check_tokens
@@ -74,10 +74,7 @@ class GPTLM(nn.Module):
         positions = torch.arange(T, device=idx.device) + (0 if cache is None else cache.length)
         x = self.wte(idx) + self.wpe(positions)
         for i, block in enumerate(self.blocks):
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cache, i, positions, use_reentrant=False)
-            else:
-                x = block(x, cache, i, positions)
+            x = run_block(self.grad_checkpointing, block, x, cache, i, positions)
         if cache is not None:
             cache.length += T
             cache.filled += T
@@ -92,9 +89,10 @@ class GPTLM(nn.Module):
         return KVCache(c.n_layer, batch_size, c.heads, c.n_embd // c.heads, capacity, self.wte.weight.device,
                        dtype or self.wte.weight.dtype)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward instead of keeping them (timm's API)."""
-        self.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: bool | str = True) -> None:
+        """Recompute each block's activations in the backward instead of keeping them (timm's API); "selective"
+        keeps the products' and kernels' outputs and recomputes the rest (blocks.checkpointing)."""
+        self.grad_checkpointing = check_grad_checkpointing(enable)
 
     def no_weight_decay(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.dim() < 2}

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from blocks import STATE_ROWS, RWKV4Block
+from blocks.checkpointing import check_grad_checkpointing, run_block
 
 from ..registry import register_model
 from ._validate import check_tokens
@@ -113,15 +113,9 @@ class RWKV4LM(nn.Module):
         """x through every block, each from its layer of `state` (None: empty); returns x and the blocks' states."""
         new_state = []
         for i, block in enumerate(self.blocks):
-            x, s = self._call_block(block, x, None if state is None else state[i])
+            x, s = run_block(self.grad_checkpointing, block, x, None if state is None else state[i])
             new_state.append(s)
         return x, new_state
-
-    def _call_block(self, block: nn.Module, *inputs):
-        """block(*inputs); with grad checkpointing on, its activations are recomputed in the backward."""
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *inputs, use_reentrant=False)
-        return block(*inputs)
 
     def forward_rnn(self, token_ids: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One step of RNN mode. token_ids: [B]. Returns (logits [B, V], new state)."""
@@ -131,9 +125,10 @@ class RWKV4LM(nn.Module):
         logits, state = self(token_ids[:, None], state=state, return_state=True)
         return logits[:, 0], state
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward instead of keeping them (timm's API)."""
-        self.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: bool | str = True) -> None:
+        """Recompute each block's activations in the backward instead of keeping them (timm's API); "selective"
+        keeps the products' and kernels' outputs and recomputes the rest (blocks.checkpointing)."""
+        self.grad_checkpointing = check_grad_checkpointing(enable)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters the official trainer keeps out of weight decay: everything that is not a matrix."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from blocks.checkpointing import run_block
 from blocks.rwkv7 import RWKV7Block
 
 from ..registry import register_model
@@ -81,7 +82,7 @@ class RWKV7LM(RWKV4LM):
         the state."""
         v_first, new_state = None, []
         for i, block in enumerate(self.blocks):
-            x, v_first, s = self._call_block(block, x, v_first, None if state is None else state[i])
+            x, v_first, s = run_block(self.grad_checkpointing, block, x, v_first, None if state is None else state[i])
             new_state.append(s)
         return x, new_state
 

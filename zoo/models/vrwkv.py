@@ -19,8 +19,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models import register_model as register_timm_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from blocks.checkpointing import check_grad_checkpointing, run_block
 from blocks.vision import VRWKVBlock
 
 from ..registry import register_model
@@ -103,8 +103,10 @@ class VisionRWKV(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: bool | str = True) -> None:
+        """Recompute each block's activations in the backward instead of keeping them (timm's API); "selective"
+        keeps the products' and kernels' outputs and recomputes the rest (blocks.checkpointing)."""
+        self.grad_checkpointing = check_grad_checkpointing(enable)
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -135,16 +137,11 @@ class VisionRWKV(nn.Module):
             pos = resample_abs_pos_embed(pos, list(grid), list(self.patch_embed.grid_size), num_prefix_tokens=0)
         return self.pos_drop(x.flatten(1, 2) + pos), grid
 
-    def _block(self, block: nn.Module, x: Tensor, grid: tuple[int, int]) -> Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, grid, use_reentrant=False)
-        return block(x, grid)
-
     def forward_features(self, x: Tensor) -> Tensor:
         """Images [B, C, H, W] -> normalised patch tokens [B, H*W/p^2, embed_dim]."""
         x, grid = self._embed(x)
         for block in self.blocks:
-            x = self._block(block, x, grid)
+            x = run_block(self.grad_checkpointing, block, x, grid)
         return self.norm(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -167,7 +164,7 @@ class VisionRWKV(nn.Module):
         intermediates = []
         blocks = self.blocks[:last + 1] if stop_early else self.blocks
         for i, block in enumerate(blocks):
-            x = self._block(block, x, grid)
+            x = run_block(self.grad_checkpointing, block, x, grid)
             if i in take:
                 y = self.norm(x) if norm else x
                 intermediates.append(y if output_fmt == "NLC" else y.transpose(1, 2).reshape(y.shape[0], -1, *grid))

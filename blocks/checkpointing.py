@@ -1,0 +1,51 @@
+"""Activation checkpointing per block: full, or selective.
+
+Full (`True`, timm's convention): torch.utils.checkpoint keeps only the block's inputs and reruns the whole block
+in the backward. Selective (`"selective"`): the block's matrix products and the zoo's own kernels (WKV, Bi-WKV)
+keep their outputs, and the elementwise work between them (norms, token shifts, mixes, gates, casts) is redone in
+the backward, through torch.utils.checkpoint's selective policies. Products that widen their input, such as the
+channel mix's C -> 4C key, are redone as well: a product costs flops in proportion to its input width for each
+byte of output it would keep, so these are the cheapest to recompute.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+__all__ = ["GRAD_CHECKPOINTING", "check_grad_checkpointing", "run_block", "keep_products_and_kernels"]
+
+GRAD_CHECKPOINTING = (False, True, "selective")
+"""What `set_grad_checkpointing` and the recipes' `grad_checkpointing` take: off, full, selective."""
+
+PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+
+
+def check_grad_checkpointing(mode: bool | str) -> bool | str:
+    """`mode` if it is one of GRAD_CHECKPOINTING, else a ValueError naming them."""
+    if not (isinstance(mode, bool) or mode == "selective"):
+        raise ValueError(f"grad checkpointing must be False, True (full) or 'selective', got {mode!r}")
+    return mode
+
+
+def keep_products_and_kernels(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """The selective policy: keep the outputs of the zoo's kernels and of products that do not widen their input
+    (mm / addmm / bmm: input width args[-2].shape[-1], output width args[-1].shape[-1]); recompute the rest."""
+    if getattr(op, "namespace", None) == "zoo":
+        return CheckpointPolicy.MUST_SAVE
+    if op in PRODUCTS and args[-1].shape[-1] <= args[-2].shape[-1]:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def run_block(mode: bool | str, block: nn.Module, *inputs):
+    """block(*inputs), its activations kept as `mode` says (GRAD_CHECKPOINTING) when autograd records."""
+    if not mode or not torch.is_grad_enabled():
+        return block(*inputs)
+    if mode == "selective":
+        context = functools.partial(create_selective_checkpoint_contexts, keep_products_and_kernels)
+        return checkpoint(block, *inputs, use_reentrant=False, context_fn=context)
+    return checkpoint(block, *inputs, use_reentrant=False)
