@@ -7,7 +7,10 @@ same for every model; a configuration that does not fit is recorded as out of me
 
 Each model also runs in the torch.compile modes asked for ("none" is eager; "reduce-overhead" adds CUDA graphs,
 which take the host's launches out of the step: Vision-RWKV's many small kernels make its eager step bound by them).
-Ratios compare each Vision-RWKV with its DeiT in the same mode, and with DeiT eager where that ran too.
+The zoo's models also train under the grad-checkpointing modes asked for ("full": each block recomputed in the
+backward; "selective": only the elementwise work between products and kernels, blocks.checkpointing); DeiT, the
+anchor, trains without. Ratios compare each Vision-RWKV with its DeiT in the same compile mode, and with DeiT eager
+where that ran too.
 """
 
 from __future__ import annotations
@@ -24,15 +27,17 @@ from recipes.config import COMPILE_MODES as RECIPE_COMPILE_MODES
 
 from .bench import time_ms
 
-__all__ = ["bench_vision", "MODELS", "BATCH", "COMPILE_MODES"]
+__all__ = ["bench_vision", "MODELS", "BATCH", "COMPILE_MODES", "CHECKPOINTING"]
 
 MODELS = ("vrwkv_tiny", "deit_tiny_patch16_224", "vrwkv_small", "deit_small_patch16_224")
 BATCH = {224: 128, 512: 32, 1024: 4, 2048: 1}
 ANCHORS = {"vrwkv_tiny": "deit_tiny_patch16_224", "vrwkv_small": "deit_small_patch16_224"}
 COMPILE_MODES = ("none", *RECIPE_COMPILE_MODES)
+CHECKPOINTING = {"none": False, "full": True, "selective": "selective"}   # name -> set_grad_checkpointing's argument
 
 
-def _measure(name: str, resolution: int, batch: int, train: bool, compile: str = "none") -> dict:
+def _measure(name: str, resolution: int, batch: int, train: bool, compile: str = "none",
+             grad_checkpointing: str = "none") -> dict:
     """images/s (eval.bench.time_ms after warm-up) and the peak memory from model creation on, compilation and
     CUDA-graph pools included."""
     import timm
@@ -43,6 +48,8 @@ def _measure(name: str, resolution: int, batch: int, train: bool, compile: str =
     model = timm.create_model(name, img_size=resolution).cuda()
     if not train:
         model.eval()
+    if grad_checkpointing != "none":
+        model.set_grad_checkpointing(CHECKPOINTING[grad_checkpointing])
     forward = model if compile == "none" else torch.compile(model, mode=compile)
     x = torch.randn(batch, 3, resolution, resolution, device="cuda")
     if train:
@@ -72,6 +79,7 @@ def _add_ratios(rows: list[dict]) -> None:
     compile mode (speed_vs_deit, memory_vs_deit) and, for compiled rows, against DeiT eager (speed_vs_deit_eager)."""
     def anchor(row, compile):
         return next((r for r in rows if r["model"] == ANCHORS.get(row["model"]) and r["compile"] == compile
+                     and r["grad_checkpointing"] == "none"
                      and r["resolution"] == row["resolution"] and r["mode"] == row["mode"] and r["images_per_s"]),
                     None)
 
@@ -93,15 +101,16 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    lines = dict.fromkeys((r["model"], r["compile"]) for r in rows)
+    lines = dict.fromkeys((r["model"], r["compile"], r["grad_checkpointing"]) for r in rows)
     panels = [("inference", "images_per_s"), ("training", "images_per_s"), ("training", "peak_gb")]
     for ax, (mode, metric) in zip(axes, panels):
-        for name, compile in lines:
-            pts = [(r["resolution"], r[metric]) for r in rows
-                   if (r["model"], r["compile"], r["mode"]) == (name, compile, mode) and r[metric]]
+        for name, compile, checkpointing in lines:
+            pts = [(r["resolution"], r[metric]) for r in rows if r[metric] and r["mode"] == mode
+                   and (r["model"], r["compile"], r["grad_checkpointing"]) == (name, compile, checkpointing)]
             if pts:
-                ax.plot(*zip(*pts), "o-" if name.startswith("vrwkv") else "s--",
-                        label=name if compile == "none" else f"{name}, compile {compile}")
+                label = ", ".join([name] + [f"compile {compile}"] * (compile != "none")
+                                  + [f"{checkpointing} checkpointing"] * (checkpointing != "none"))
+                ax.plot(*zip(*pts), "o-" if name.startswith("vrwkv") else "s--", label=label)
     for ax, mode in zip(axes[:2], ("inference", "training")):
         ax.set(yscale="log", ylabel="images / s", title=f"{mode} (bf16 autocast)")
     axes[2].set(ylabel="peak GiB", title="training step memory")
@@ -119,12 +128,12 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 def bench_vision(out_json: str | None = "bench_vision.json", out_png: str | None = "bench_vision.png",
                  models: tuple[str, ...] = MODELS, resolutions: tuple[int, ...] = tuple(BATCH),
-                 compile: tuple[str, ...] = ("none",)) -> list[dict]:
-    """Every model x resolution x mode x compile mode; prints a table with each Vision-RWKV's ratios to its DeiT,
-    writes JSON and a PNG plot; returns the rows."""
+                 compile: tuple[str, ...] = ("none",), grad_checkpointing: tuple[str, ...] = ("none",)) -> list[dict]:
+    """Every model x resolution x mode x compile mode, and the zoo's models' training x grad_checkpointing mode;
+    prints a table with each Vision-RWKV's ratios to its DeiT, writes JSON and a PNG plot; returns the rows."""
     import timm
 
-    import zoo  # noqa: F401  (registers the vrwkv models in timm)
+    import zoo  # registers the vrwkv models in timm
 
     known = timm.list_models()
     unknown = [m for m in models if m not in known]
@@ -136,27 +145,32 @@ def bench_vision(out_json: str | None = "bench_vision.json", out_png: str | None
     bad_modes = [c for c in compile if c not in COMPILE_MODES]
     if bad_modes:
         raise ValueError(f"compile modes must be among {COMPILE_MODES}, got {bad_modes}")
+    bad_modes = [c for c in grad_checkpointing if c not in CHECKPOINTING]
+    if bad_modes:
+        raise ValueError(f"grad checkpointing modes must be among {tuple(CHECKPOINTING)}, got {bad_modes}")
     if not torch.cuda.is_available():
         raise RuntimeError("needs a CUDA GPU")
 
     _measure(models[0], 224, BATCH[224], train=True)  # warm-up: a process's first measurement runs low
     rows = []
-    configs = [(res, mode, c, name) for res in resolutions for mode in ("inference", "training") for c in compile
-               for name in models]
-    for res, mode, c, name in tqdm(configs, desc="bench vision", unit="config"):
+    ours = set(zoo.list_models())
+    configs = [(res, mode, c, name, g) for res in resolutions for mode in ("inference", "training") for c in compile
+               for name in models
+               for g in (grad_checkpointing if mode == "training" and name in ours else ("none",))]
+    for res, mode, c, name, g in tqdm(configs, desc="bench vision", unit="config"):
         rows.append({"model": name, "resolution": res, "batch": BATCH[res], "mode": mode, "compile": c,
-                     **_measure(name, res, BATCH[res], mode == "training", c)})
+                     "grad_checkpointing": g, **_measure(name, res, BATCH[res], mode == "training", c, g)})
     _add_ratios(rows)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 autocast")
-    print(f"{'model':<24} {'px':>5} {'batch':>5} {'mode':<10} {'compile':<16} {'img/s':>10} {'peak GiB':>9} "
-          f"{'x DeiT img/s':>12} {'x DeiT mem':>10} {'x DeiT eager':>12}")
+    print(f"{'model':<24} {'px':>5} {'batch':>5} {'mode':<10} {'compile':<16} {'checkpoint':<10} {'img/s':>10} "
+          f"{'peak GiB':>9} {'x DeiT img/s':>12} {'x DeiT mem':>10} {'x DeiT eager':>12}")
     for row in rows:
         speed = f"{row['images_per_s']:10.1f}" if row["images_per_s"] else f"{row.get('note', ''):>10}"
         peak = f"{row['peak_gb']:9.2f}" if row["peak_gb"] else f"{'':>9}"
         ratio = f"{row['speed_vs_deit']:11.2f}x {row['memory_vs_deit']:9.2f}x" if "speed_vs_deit" in row else ""
         eager = f" {row['speed_vs_deit_eager']:11.2f}x" if "speed_vs_deit_eager" in row else ""
         print(f"{row['model']:<24} {row['resolution']:>5} {row['batch']:>5} {row['mode']:<10} {row['compile']:<16} "
-              f"{speed} {peak} {ratio}{eager}")
+              f"{row['grad_checkpointing']:<10} {speed} {peak} {ratio}{eager}")
     if out_json:
         Path(out_json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                               "rows": rows}, indent=2) + "\n")

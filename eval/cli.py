@@ -251,7 +251,8 @@ def _cmd_bench_vision(args) -> None:
     from .bench_vision import bench_vision
 
     try:
-        chosen = {k: tuple(getattr(args, k)) for k in ("models", "resolutions", "compile") if getattr(args, k)}
+        chosen = {k: tuple(getattr(args, k)) for k in ("models", "resolutions", "compile", "grad_checkpointing")
+                  if getattr(args, k)}
         bench_vision(args.json, args.plot, **chosen)
     except (RuntimeError, ValueError) as e:
         sys.exit(f"zoo bench vision: {e}")
@@ -300,6 +301,9 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--compile", nargs="+", metavar="MODE",
                    help="torch.compile modes to run each model in (default: none): none (eager), default, "
                         "reduce-overhead (with CUDA graphs), max-autotune, max-autotune-no-cudagraphs")
+    v.add_argument("--grad-checkpointing", nargs="+", metavar="MODE",
+                   help="modes the zoo's models also train in (default: none): none, full (each block recomputed), "
+                        "selective (only the elementwise work between products and kernels); DeiT trains without")
     v.add_argument("--json", default="bench_vision.json", help="where to write the rows")
     v.add_argument("--plot", default="bench_vision.png", help="where to write the plot")
     v.set_defaults(func=_cmd_bench_vision)
