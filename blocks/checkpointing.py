@@ -1,11 +1,12 @@
-"""Activation checkpointing per block: full, or selective.
+"""Activation checkpointing of a model's blocks: full, or selective.
 
 Full (`True`, timm's convention): torch.utils.checkpoint keeps only the block's inputs and reruns the whole block
 in the backward. Selective (`"selective"`): the block's matrix products and the zoo's own kernels (WKV, Bi-WKV)
 keep their outputs, and the elementwise work between them (norms, token shifts, mixes, gates, casts) is redone in
 the backward, through torch.utils.checkpoint's selective policies. Products that widen their input, such as the
 channel mix's C -> 4C key, are redone as well: a product costs flops in proportion to its input width for each
-byte of output it would keep, so these are the cheapest to recompute.
+byte of output it would keep, so these are the cheapest to recompute. Under torch.compile a stack of blocks
+(run_blocks) is one selective region, so the compiler places each recomputation where the backward needs it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-__all__ = ["GRAD_CHECKPOINTING", "check_grad_checkpointing", "run_block", "keep_products_and_kernels"]
+__all__ = ["GRAD_CHECKPOINTING", "check_grad_checkpointing", "run_block", "run_blocks", "keep_products_and_kernels"]
 
 GRAD_CHECKPOINTING = (False, True, "selective")
 """What `set_grad_checkpointing` and the recipes' `grad_checkpointing` take: off, full, selective."""
@@ -41,11 +42,32 @@ def keep_products_and_kernels(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _selective(fn, *inputs):
+    """fn(*inputs) as one selective region (keep_products_and_kernels)."""
+    context = functools.partial(create_selective_checkpoint_contexts, keep_products_and_kernels)
+    return checkpoint(fn, *inputs, use_reentrant=False, context_fn=context)
+
+
 def run_block(mode: bool | str, block: nn.Module, *inputs):
     """block(*inputs), its activations kept as `mode` says (GRAD_CHECKPOINTING) when autograd records."""
     if not mode or not torch.is_grad_enabled():
         return block(*inputs)
     if mode == "selective":
-        context = functools.partial(create_selective_checkpoint_contexts, keep_products_and_kernels)
-        return checkpoint(block, *inputs, use_reentrant=False, context_fn=context)
+        return _selective(block, *inputs)
     return checkpoint(block, *inputs, use_reentrant=False)
+
+
+def run_blocks(mode: bool | str, blocks: nn.ModuleList, x: Tensor, *args) -> Tensor:
+    """x through every block(x, *args), each kept as run_block keeps it; except that selective checkpointing under
+    torch.compile makes the whole stack one region (the compiler places each recomputation where the backward uses
+    it, and a region per block costs the step time), while eager keeps a region per block (an eager region is
+    recomputed whole at its first use in the backward)."""
+    if mode == "selective" and torch.is_grad_enabled() and torch.compiler.is_compiling():
+        def stack(x: Tensor) -> Tensor:
+            for block in blocks:
+                x = block(x, *args)
+            return x
+        return _selective(stack, x)
+    for block in blocks:
+        x = run_block(mode, block, x, *args)
+    return x

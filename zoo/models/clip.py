@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from blocks.checkpointing import check_grad_checkpointing, run_block
+from blocks.checkpointing import check_grad_checkpointing, run_blocks
 from blocks.vision import VRWKVBlock, bi_token_shift
 
 from ..registry import register_model
@@ -110,8 +110,7 @@ class TextRWKV(nn.Module):
             raise ValueError(f"text has {text.shape[1]} tokens, more than the context of {self.context_length} "
                              "(the tokenizer truncates to it)")
         x = self.token_embedding(text)
-        for block in self.blocks:
-            x = run_block(self.grad_checkpointing, block, x, None)
+        x = run_blocks(self.grad_checkpointing, self.blocks, x, None)
         x = self.ln_final(x)
         if self.pool == "normalized-mean":
             return F.normalize(x, dim=-1).mean(1)

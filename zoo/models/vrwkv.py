@@ -20,7 +20,7 @@ from timm.models import register_model as register_timm_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from blocks.checkpointing import check_grad_checkpointing, run_block
+from blocks.checkpointing import check_grad_checkpointing, run_block, run_blocks
 from blocks.vision import VRWKVBlock
 
 from ..registry import register_model
@@ -140,9 +140,7 @@ class VisionRWKV(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """Images [B, C, H, W] -> normalised patch tokens [B, H*W/p^2, embed_dim]."""
         x, grid = self._embed(x)
-        for block in self.blocks:
-            x = run_block(self.grad_checkpointing, block, x, grid)
-        return self.norm(x)
+        return self.norm(run_blocks(self.grad_checkpointing, self.blocks, x, grid))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool == "avg":
