@@ -1,5 +1,5 @@
-"""Activation checkpointing per block (blocks.checkpointing): full and selective give the plain backward's gradients
-for every model family, the selective policy keeps what it says, and bad modes are named."""
+"""Activation checkpointing (blocks.checkpointing): full and selective give the plain backward's gradients for every
+model family, the selective policy keeps what it says, compiled it is one region, and bad modes are named."""
 
 import pytest
 import timm
