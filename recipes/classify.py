@@ -216,15 +216,20 @@ def _loader(dataset, batch_size: int, ranks, workers: int, train: bool, seed: in
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, loader, ranks, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Mean cross-entropy, top-1 and top-5 accuracy (%) over a loader, summed over ranks (a DistributedSampler
-    pads to equal shards, so a few samples may count twice when the set does not divide evenly)."""
+    pads to equal shards, so a few samples may count twice when the set does not divide evenly). A last, shorter
+    batch is padded to the first one's size (its copies' outputs dropped), so a compiled model needs no new graph."""
     was_training = model.training
     model.eval()
     device = ranks.device
     loss = correct1 = correct5 = count = 0.0
+    size = None
     for x, y, *_ in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        size = size or len(x)
+        if len(x) < size:
+            x = torch.cat([x, x[-1:].expand(size - len(x), *x.shape[1:])])
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x).float()
+            logits = model(x).float()[:len(y)]
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct1 += (top[:, 0] == y).sum().item()

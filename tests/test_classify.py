@@ -5,14 +5,16 @@ import csv
 import gzip
 import json
 import struct
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import zoo
-from recipes.classify import ClassifyConfig, train_classifier
+from recipes.classify import ClassifyConfig, evaluate_classifier, train_classifier
 from recipes.config import RecipeError, load_recipe
 from zoo.cli import main as zoo_main
 
@@ -131,6 +133,26 @@ def test_training_streams_image_shards_and_counts_skipped_samples(tmp_path, fmni
               "--crop-pct", "1.0", "--workers", "0", "--json", str(out)])
     report = json.loads(out.read_text())
     assert report["samples"] == 80 and report["top1"] == pytest.approx(result["final"]["top1"], abs=1e-3)
+
+
+def test_evaluation_pads_a_short_last_batch_and_counts_only_real_samples():
+    """The model sees every batch at the first one's size (a compiled model keeps one graph); the metrics are those
+    of the samples themselves."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 5)
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Flatten(), head)
+    model.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    batches = [(torch.randn(n, 2, 3), torch.randint(0, 5, (n,))) for n in (4, 4, 3)]
+    ranks = types.SimpleNamespace(device=torch.device("cpu"), sum=lambda values: values)
+    metrics = evaluate_classifier(model, batches, ranks)
+    assert seen == [4, 4, 4]
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        logits = model(x)
+    assert metrics["samples"] == 11
+    assert metrics["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+    assert metrics["top1"] == pytest.approx(100 * (logits.argmax(1) == y).float().mean().item())
 
 
 def test_bad_sources_are_named(tmp_path):
