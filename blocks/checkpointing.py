@@ -5,19 +5,21 @@ in the backward. Selective (`"selective"`): the block's matrix products and the 
 keep their outputs, and the elementwise work between them (norms, token shifts, mixes, gates, casts) is redone in
 the backward, through torch.utils.checkpoint's selective policies. Products that widen their input, such as the
 channel mix's C -> 4C key, are redone as well: a product costs flops in proportion to its input width for each
-byte of output it would keep, so these are the cheapest to recompute. Under torch.compile a stack of blocks
-(run_blocks) is one selective region, so the compiler places each recomputation where the backward needs it.
+byte of output it would keep, so these are the cheapest to recompute. Under torch.compile a model's stack of
+blocks (run_stack) is one selective region, so the compiler places each recomputation where the backward needs it.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-__all__ = ["GRAD_CHECKPOINTING", "check_grad_checkpointing", "run_block", "run_blocks", "keep_products_and_kernels"]
+__all__ = ["GRAD_CHECKPOINTING", "check_grad_checkpointing", "keep_products_and_kernels", "run_block", "run_stack",
+           "run_blocks"]
 
 GRAD_CHECKPOINTING = (False, True, "selective")
 """What `set_grad_checkpointing` and the recipes' `grad_checkpointing` take: off, full, selective."""
@@ -57,17 +59,21 @@ def run_block(mode: bool | str, block: nn.Module, *inputs):
     return checkpoint(block, *inputs, use_reentrant=False)
 
 
-def run_blocks(mode: bool | str, blocks: nn.ModuleList, x: Tensor, *args) -> Tensor:
-    """x through every block(x, *args), each kept as run_block keeps it; except that selective checkpointing under
-    torch.compile makes the whole stack one region (the compiler places each recomputation where the backward uses
-    it, and a region per block costs the step time), while eager keeps a region per block (an eager region is
-    recomputed whole at its first use in the backward)."""
+def run_stack(mode: bool | str, stack: Callable, *inputs):
+    """stack(block_mode, *inputs), a function that runs a model's blocks through run_block(block_mode, ...).
+    block_mode is `mode`, except that selective checkpointing under torch.compile makes the whole stack one region
+    (block_mode False inside it): the compiler then places each recomputation where the backward uses it, where a
+    region per block costs step time. Eager keeps a region per block (an eager region is recomputed whole at its
+    first use in the backward)."""
     if mode == "selective" and torch.is_grad_enabled() and torch.compiler.is_compiling():
-        def stack(x: Tensor) -> Tensor:
-            for block in blocks:
-                x = block(x, *args)
-            return x
-        return _selective(stack, x)
-    for block in blocks:
-        x = run_block(mode, block, x, *args)
-    return x
+        return _selective(functools.partial(stack, False), *inputs)
+    return stack(mode, *inputs)
+
+
+def run_blocks(mode: bool | str, blocks: nn.ModuleList, x: Tensor, *args) -> Tensor:
+    """x through every block(x, *args), kept as run_stack says."""
+    def stack(block_mode: bool | str, x: Tensor) -> Tensor:
+        for block in blocks:
+            x = run_block(block_mode, block, x, *args)
+        return x
+    return run_stack(mode, stack, x)

