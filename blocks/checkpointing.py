@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-__all__ = ["GRAD_CHECKPOINTING", "check_grad_checkpointing", "keep_products_and_kernels", "run_block", "run_stack",
-           "run_blocks"]
+__all__ = ["GRAD_CHECKPOINTING", "GradCheckpointing", "check_grad_checkpointing", "keep_products_and_kernels",
+           "run_block", "run_stack", "run_blocks"]
 
 GRAD_CHECKPOINTING = (False, True, "selective")
 """What `set_grad_checkpointing` and the recipes' `grad_checkpointing` take: off, full, selective."""
@@ -32,6 +32,18 @@ def check_grad_checkpointing(mode: bool | str) -> bool | str:
     if not (isinstance(mode, bool) or mode == "selective"):
         raise ValueError(f"grad checkpointing must be False, True (full) or 'selective', got {mode!r}")
     return mode
+
+
+class GradCheckpointing:
+    """timm's `set_grad_checkpointing` for a model whose block loop passes `self.grad_checkpointing` to run_block,
+    run_stack or run_blocks."""
+
+    grad_checkpointing: bool | str = False
+
+    def set_grad_checkpointing(self, enable: bool | str = True) -> None:
+        """Recompute each block's activations in the backward instead of keeping them; "selective" keeps the
+        products' and kernels' outputs and recomputes the rest."""
+        self.grad_checkpointing = check_grad_checkpointing(enable)
 
 
 def keep_products_and_kernels(ctx, op, *args, **kwargs) -> CheckpointPolicy:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from blocks.checkpointing import check_grad_checkpointing, run_blocks
+from blocks.checkpointing import GradCheckpointing, check_grad_checkpointing, run_blocks
 from blocks.vision import VRWKVBlock, bi_token_shift
 
 from ..registry import register_model
@@ -84,7 +84,7 @@ class RWKVCLIPConfig:
                              f"image_width={self.image_width} and text_width={self.text_width} must be equal")
 
 
-class TextRWKV(nn.Module):
+class TextRWKV(GradCheckpointing, nn.Module):
     """Token ids [B, context] -> the final LayerNorm's outputs, pooled: "mean" over the non-padding tokens (id 0
     pads), or "normalized-mean" of the L2-normalised outputs over every position, padding included (RWKV-CLIP's).
     The blocks see the whole padded context, as a fixed-length CLIP text tower does."""
@@ -101,7 +101,6 @@ class TextRWKV(nn.Module):
                        version=version, head_size=config.head_size, lm_layers=version == 6)
             for i in range(config.text_layers))
         self.ln_final = nn.LayerNorm(config.text_width)
-        self.grad_checkpointing = False
 
     def forward(self, text: Tensor) -> Tensor:
         if text.dim() != 2 or text.dtype not in (torch.int32, torch.int64):
@@ -179,7 +178,7 @@ class RWKVCLIP(ImageTextModel):
     def set_grad_checkpointing(self, enable: bool | str = True) -> None:
         """Both towers (blocks.checkpointing: False, True or "selective")."""
         self.visual.set_grad_checkpointing(enable)
-        self.text.grad_checkpointing = check_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
 
     def no_weight_decay(self) -> set[str]:
         return {"logit_scale", *(f"visual.{n}" for n in self.visual.no_weight_decay())}

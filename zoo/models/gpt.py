@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from blocks import GPTBlock, KVCache
-from blocks.checkpointing import check_grad_checkpointing, run_block, run_stack
+from blocks.checkpointing import GradCheckpointing, run_block, run_stack
 
 from ..registry import register_model
 from ._validate import check_tokens
@@ -37,7 +37,7 @@ class GPTConfig:
         return self.n_head or max(1, self.n_embd // 64)
 
 
-class GPTLM(nn.Module):
+class GPTLM(GradCheckpointing, nn.Module):
     arch = "gpt"
     config_class = GPTConfig
 
@@ -49,7 +49,6 @@ class GPTLM(nn.Module):
         self.blocks = nn.ModuleList(GPTBlock(config.n_embd, config.heads) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.grad_checkpointing = False
         self.apply(self._init_weights)
 
     @staticmethod
@@ -93,11 +92,6 @@ class GPTLM(nn.Module):
             raise ValueError(f"a KV cache holds 1 to ctx_len={c.ctx_len} positions, got {capacity}")
         return KVCache(c.n_layer, batch_size, c.heads, c.n_embd // c.heads, capacity, self.wte.weight.device,
                        dtype or self.wte.weight.dtype)
-
-    def set_grad_checkpointing(self, enable: bool | str = True) -> None:
-        """Recompute each block's activations in the backward instead of keeping them (timm's API); "selective"
-        keeps the products' and kernels' outputs and recomputes the rest (blocks.checkpointing)."""
-        self.grad_checkpointing = check_grad_checkpointing(enable)
 
     def no_weight_decay(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.dim() < 2}

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from blocks import STATE_ROWS, RWKV4Block
-from blocks.checkpointing import check_grad_checkpointing, run_block, run_stack
+from blocks.checkpointing import GradCheckpointing, run_block, run_stack
 
 from ..registry import register_model
 from ._validate import check_tokens
@@ -50,7 +50,7 @@ class RWKV4Config:
         return self.dim_ffn or 4 * self.n_embd
 
 
-class RWKV4LM(nn.Module):
+class RWKV4LM(GradCheckpointing, nn.Module):
     """Embedding, n_layer RWKV-4 blocks, final LayerNorm and an untied head."""
 
     arch = "rwkv4"
@@ -65,7 +65,6 @@ class RWKV4LM(nn.Module):
         self.blocks = nn.ModuleList(self.make_block(i) for i in range(config.n_layer))
         self.ln_out = nn.LayerNorm(C)
         self.head = nn.Linear(C, config.vocab_size, bias=False)
-        self.grad_checkpointing = False
         self.reset_parameters()
 
     def make_block(self, layer_id: int) -> nn.Module:
@@ -125,11 +124,6 @@ class RWKV4LM(nn.Module):
             raise ValueError(f"forward_rnn takes token ids of shape [B], got {shape}")
         logits, state = self(token_ids[:, None], state=state, return_state=True)
         return logits[:, 0], state
-
-    def set_grad_checkpointing(self, enable: bool | str = True) -> None:
-        """Recompute each block's activations in the backward instead of keeping them (timm's API); "selective"
-        keeps the products' and kernels' outputs and recomputes the rest (blocks.checkpointing)."""
-        self.grad_checkpointing = check_grad_checkpointing(enable)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters the official trainer keeps out of weight decay: everything that is not a matrix."""

@@ -20,7 +20,7 @@ from timm.models import register_model as register_timm_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from blocks.checkpointing import check_grad_checkpointing, run_block, run_blocks
+from blocks.checkpointing import GradCheckpointing, run_block, run_blocks
 from blocks.vision import VRWKVBlock
 
 from ..registry import register_model
@@ -51,7 +51,7 @@ class VRWKVConfig:
                                          # (the official large model's head, its depth > 12 configuration)
 
 
-class VisionRWKV(nn.Module):
+class VisionRWKV(GradCheckpointing, nn.Module):
     """Vision-RWKV classifier with timm's model API (forward_features / forward_head / forward_intermediates,
     reset_classifier, group_matcher, set_grad_checkpointing, no_weight_decay)."""
 
@@ -84,7 +84,6 @@ class VisionRWKV(nn.Module):
         self.head = nn.Linear(self.head_hidden_size, config.num_classes) if config.num_classes > 0 else nn.Identity()
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=config.embed_dim, reduction=config.patch_size)
                              for i in range(config.depth)]
-        self.grad_checkpointing = False
         self.pretrained_cfg = _cfg()  # timm's builder replaces it with the variant's; models built here keep it
         self.apply(self._init_weights)
 
@@ -102,11 +101,6 @@ class VisionRWKV(nn.Module):
 
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
-
-    def set_grad_checkpointing(self, enable: bool | str = True) -> None:
-        """Recompute each block's activations in the backward instead of keeping them (timm's API); "selective"
-        keeps the products' and kernels' outputs and recomputes the rest (blocks.checkpointing)."""
-        self.grad_checkpointing = check_grad_checkpointing(enable)
 
     def get_classifier(self) -> nn.Module:
         return self.head
