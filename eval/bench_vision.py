@@ -84,9 +84,9 @@ def _add_ratios(rows: list[dict]) -> None:
                     None)
 
     for row in rows:
-        same, eager = anchor(row, row["compile"]), anchor(row, "none")
         if not row["images_per_s"]:
             continue
+        same, eager = anchor(row, row["compile"]), anchor(row, "none")
         if same:
             row["speed_vs_deit"] = row["images_per_s"] / same["images_per_s"]
             row["memory_vs_deit"] = row["peak_gb"] / same["peak_gb"]
