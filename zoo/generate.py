@@ -51,13 +51,12 @@ def generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, tempe
     idx = torch.tensor([prompt_ids], device=device)
     pick = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     ctx_len = model.config.ctx_len
-    if hasattr(model, "forward_rnn") or len(prompt_ids) + max_new_tokens <= ctx_len:
+    # compile goes to make_decoder in every case: it refuses it for a GPT before building anything
+    if compile or hasattr(model, "forward_rnn") or len(prompt_ids) + max_new_tokens <= ctx_len:
         decoder = make_decoder(model, 1, capacity=len(prompt_ids) + max_new_tokens, compile=compile)
         for ids in decoder.stream(decoder.prefill(idx), max_new_tokens, pick):
             yield int(ids[0])
         return
-    if compile:  # the window has no decoder to compile, as make_decoder says for the other GPT case
-        raise ValueError(f"compile is offered for RWKV models' RNN decoding, not for {type(model).__name__}")
     for _ in range(max_new_tokens):
         idx = idx[:, -ctx_len:]
         token = pick(model(idx)[:, -1])
