@@ -37,6 +37,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMinChunk = 32;
+constexpr int kScanChunksPerLane = 2;                // chunks each lane of a chunk scan combines
 constexpr int kSub = 8;                               // tokens per register tile of the two-way passes
 constexpr int64_t kTargetThreads = 1 << 17;           // (batch, chunk, channel group) threads: fastest of 2^16..2^19
 constexpr double kEmpty = -1e38;                      // m of an empty sum
@@ -219,9 +220,10 @@ __device__ __forceinline__ void walk_tiles(const Layout& g, const ChunkThread& t
 
 // The sums entering every chunk of one (batch, channel) from one side, walking the chunks left to right or
 // right to left: `start` is the sum before the first chunk walked, `summaries` each chunk's own sum; the sum
-// after the last chunk goes to `finish`. One warp per (batch, channel): each lane combines a run of chunks,
-// the warp scans the 32 runs with shuffles, then each lane walks its run again from the sum entering it.
-// Two independent scans (the two sides of Bi-WKV) share a launch: blockIdx.y picks one.
+// after the last chunk goes to `finish`. `warps_per_row` warps per (batch, channel) row (a power of two, at most
+// a block's): each lane combines a run of chunks, each warp scans its 32 runs with shuffles, the warps of a row
+// add the runs of the warps before them through shared memory, then each lane walks its run again from the sum
+// entering it. Two independent scans (the two sides of Bi-WKV) share a launch: blockIdx.y picks one.
 template <typename T>
 struct ScanSide {
   DecayedArray<T> start, summaries, entering, finish;
@@ -229,16 +231,19 @@ struct ScanSide {
 };
 
 template <typename T, bool kDistance>
-__global__ void chunk_scan(Layout g, const T* __restrict__ w, ScanSide<T> first_side, ScanSide<T> second_side) {
-  const int64_t row = thread_index() / 32;  // b * C + c; whole warps leave together
-  const int lane = threadIdx.x % 32;
-  if (row >= g.B * g.C) return;
+__global__ void chunk_scan(Layout g, const T* __restrict__ w, int warps_per_row, ScanSide<T> first_side,
+                           ScanSide<T> second_side) {
+  __shared__ T warp_sums[kThreads / 32][7];  // each warp's runs together: a, b, da, db, m, n and their length
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warp_in_row = warp % warps_per_row;
+  const int64_t row = blockIdx.x * (int64_t)(kThreads / 32 / warps_per_row) + warp / warps_per_row;  // b * C + c
+  const bool valid = row < g.B * g.C;  // whole warps are valid or not
   const auto& [start, summaries, entering, finish, reverse] = blockIdx.y == 0 ? first_side : second_side;
-  const int64_t c = row % g.C, b = row / g.C, per_lane = (g.N + 31) / 32;
-  const int64_t first = std::min(g.N, lane * per_lane), last = std::min(g.N, first + per_lane);
+  const int64_t c = row % g.C, b = row / g.C, per_lane = (g.N + 32 * warps_per_row - 1) / (32 * warps_per_row);
+  const int64_t first = valid ? std::min(g.N, (warp_in_row * 32 + lane) * per_lane) : g.N;
+  const int64_t last = std::min(g.N, first + per_lane);
   const auto chunk = [&](int64_t i) { return reverse ? g.N - 1 - i : i; };
   const auto index = [&](int64_t n) { return (b * g.N + n) * g.C + c; };
-  const T wc = w[c];
+  const T wc = valid ? w[c] : T(0);
   Decayed<T> run = Decayed<T>::empty(wc);
   T run_len = 0;
   for (int64_t i = first; i < last; ++i) {
@@ -255,9 +260,25 @@ __global__ void chunk_scan(Layout g, const T* __restrict__ w, ScanSide<T> first_
       run_len += below_len;
     }
   }
-  Decayed<T> before = run.from_lane_below(1);  // exclusive: the runs of the lanes below
-  T before_len = __shfl_up_sync(0xffffffffu, run_len, 1);
-  if (lane == 0) before = Decayed<T>::empty(wc), before_len = 0;
+  if (lane == 31) {
+    const T parts[7] = {run.a, run.b, run.da, run.db, run.m, run.n, run_len};
+    for (int i = 0; i < 7; ++i) warp_sums[warp][i] = parts[i];
+  }
+  __syncthreads();
+  Decayed<T> before = Decayed<T>::empty(wc);  // the runs of the row's warps below this one, then of the lanes below
+  T before_len = 0;
+  for (int j = warp - warp_in_row; j < warp; ++j) {
+    const T* p = warp_sums[j];
+    before = before.then(p[6], Decayed<T>{p[0], p[1], p[2], p[3], p[4], p[5], wc});
+    before_len += p[6];
+  }
+  const Decayed<T> lanes_below = run.from_lane_below(1);
+  const T lanes_below_len = __shfl_up_sync(0xffffffffu, run_len, 1);
+  if (lane > 0) {
+    before = before.then(lanes_below_len, lanes_below);
+    before_len += lanes_below_len;
+  }
+  if (!valid) return;
   Decayed<T> s = start.template load<kDistance>(row, wc).then(before_len, before);
   for (int64_t i = first; i < last; ++i) {
     const int64_t n = chunk(i);
@@ -730,9 +751,12 @@ struct Scan {
 // Runs one scan, or two independent ones in one launch.
 template <typename T, bool kDistance>
 void scan_chunks(const Layout& g, const T* w, const Scan& first, const Scan* second = nullptr) {
-  const dim3 grid(blocks_for(g.B * g.C * 32), second == nullptr ? 1 : 2);
+  int warps = 1;  // per row: enough for about kScanChunksPerLane chunks a lane
+  while (warps < kThreads / 32 && warps * 32 * kScanChunksPerLane < g.N) warps *= 2;
+  const int64_t rows_per_block = kThreads / 32 / warps;
+  const dim3 grid((g.B * g.C + rows_per_block - 1) / rows_per_block, second == nullptr ? 1 : 2);
   chunk_scan<T, kDistance><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      g, w, first.side<T>(), (second == nullptr ? first : *second).side<T>());
+      g, w, warps, first.side<T>(), (second == nullptr ? first : *second).side<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
