@@ -14,13 +14,15 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, ClassVar, Iterable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
+
+from .config import RunConfig
 
 __all__ = ["ImageDataConfig", "AugmentConfig", "ClassifyOptim", "ClassifyConfig", "ImageData", "image_data", "image_datasets",
            "evaluate_classifier", "train_classifier"]
@@ -61,7 +63,7 @@ class ClassifyOptim:
 
 
 @dataclass
-class ClassifyConfig:
+class ClassifyConfig(RunConfig):
     task: str = "classify"
     model: str = "vrwkv_tiny"
     model_args: dict[str, Any] = field(default_factory=dict)
@@ -72,22 +74,11 @@ class ClassifyConfig:
     crop_pct: Optional[float] = None  # evaluation centre crop (None: the model's pretrained_cfg, 0.875)
     batch_size: int = 128           # per process
     epochs: int = 300
-    precision: str = "auto"
-    device: str = "auto"
-    strategy: str = "ddp"
-    grad_checkpointing: Any = False   # true or selective (recipes.config.TrainConfig)
-    compile: Optional[str] = None   # a torch.compile mode (recipes.config.COMPILE_MODES), e.g. reduce-overhead
-    threads: int = 0
     save_every: int = 1             # epochs
     keep_last: int = 2
     out_dir: str = "runs/classify"
-    seed: int = 0
-    resume: Optional[str] = None
 
-    def __post_init__(self):
-        from .config import check_common
-
-        check_common(self, ("img_size", "batch_size", "epochs", "save_every"))
+    positive: ClassVar[tuple[str, ...]] = ("img_size", "batch_size", "epochs", "save_every")
 
 
 # --- data -----------------------------------------------------------------------------------------------------

@@ -18,14 +18,14 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .config import RecipeError
+from .config import RecipeError, RunConfig
 from .data import DataError
 
 __all__ = ["CaptionDataConfig", "ClipOptim", "ClipConfig", "TEMPLATES", "caption_pairs", "caption_features",
@@ -56,7 +56,7 @@ class ClipOptim:
 
 
 @dataclass
-class ClipConfig:
+class ClipConfig(RunConfig):
     task: str = "clip"
     model: str = "RWKV-CLIP-B-32"       # a registered image-text model (RWKV-CLIP-*, or an openclip-* baseline)
     model_args: dict[str, Any] = field(default_factory=dict)
@@ -66,22 +66,14 @@ class ClipConfig:
     epochs: int = 40                    # an epoch: the training split's size in global batches
     local_loss: bool = False            # open_clip's --local-loss: each process scores only its own rows
     eval_every: int = 5                 # epochs
-    precision: str = "auto"
-    device: str = "auto"
-    strategy: str = "ddp"
-    grad_checkpointing: Any = False   # true or selective (recipes.config.TrainConfig)
-    compile: Optional[str] = None   # a torch.compile mode (recipes.config.COMPILE_MODES), e.g. reduce-overhead
-    threads: int = 0
     save_every: int = 5                 # epochs
     keep_last: int = 2
     out_dir: str = "runs/clip"
-    seed: int = 0
-    resume: Optional[str] = None
+
+    positive: ClassVar[tuple[str, ...]] = ("batch_size", "epochs", "eval_every", "save_every")
 
     def __post_init__(self):
-        from .config import check_common
-
-        check_common(self, ("batch_size", "epochs", "eval_every", "save_every"))
+        super().__post_init__()
         if self.strategy != "ddp":
             raise RecipeError("CLIP recipes train with strategy=ddp: the evaluations call encode_image / encode_text "
                               "outside forward, which FSDP's sharded parameters do not allow")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import importlib.resources
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import yaml
 from omegaconf import OmegaConf
@@ -16,7 +16,7 @@ from zoo import UnknownModelError, list_models
 from zoo.factory import build_config
 from zoo.registry import get_entry
 
-__all__ = ["DataConfig", "OptimConfig", "TrainConfig", "load_recipe", "recipe_path", "RecipeError"]
+__all__ = ["RunConfig", "DataConfig", "OptimConfig", "TrainConfig", "load_recipe", "recipe_path", "RecipeError"]
 
 
 class RecipeError(ValueError):
@@ -55,7 +55,40 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
+class RunConfig:
+    """How a recipe runs, whatever it trains: the fields every task's schema (TrainConfig, ClassifyConfig,
+    ClipConfig) shares and checks alike. A schema names its fields that must be >= 1 in `positive`."""
+
+    precision: str = "auto"         # auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32
+    device: str = "auto"            # auto (under torchrun: this process's GPU, cuda:LOCAL_RANK), cpu, cuda, cuda:N
+    strategy: str = "ddp"           # data parallelism over torchrun's processes: ddp, or fsdp (FSDP2, per block)
+    grad_checkpointing: Any = False  # recompute each block's activations in the backward (less memory): true
+                                    # (all of it) or selective (all but products' and kernels' outputs)
+    compile: Optional[str] = None   # a torch.compile mode (COMPILE_MODES), e.g. reduce-overhead; fsdp: per block
+    threads: int = 0                # CPU threads for torch (0: torch's default)
+    seed: int = 0
+    resume: Optional[str] = None    # a step checkpoint, a run directory (its latest checkpoint) or "auto"
+
+    positive: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise RecipeError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.precision not in PRECISIONS:
+            raise RecipeError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise RecipeError(f"compile must be one of {', '.join(COMPILE_MODES)} (or null), got {self.compile!r}")
+        try:
+            check_grad_checkpointing(self.grad_checkpointing)
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+        for name in self.positive:
+            if getattr(self, name) < 1:
+                raise RecipeError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class TrainConfig(RunConfig):
     task: str = "lm"                # lm (this schema), classify (recipes.classify.ClassifyConfig) or clip
                                     # (recipes.clip.ClipConfig)
     model: str = "rwkv4-tiny"
@@ -68,41 +101,14 @@ class TrainConfig:
     grad_accum: int = 1             # micro-batches per optimizer step
     max_steps: int = 1000
     l2wrap: bool = True             # official L2Wrap: push the largest logit of each position towards 0
-    precision: str = "auto"         # auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32
-    device: str = "auto"            # auto (under torchrun: this process's GPU, cuda:LOCAL_RANK), cpu, cuda, cuda:N
-    strategy: str = "ddp"           # data parallelism over torchrun's processes: ddp, or fsdp (FSDP2, per block)
-    grad_checkpointing: Any = False  # recompute each block's activations in the backward (less memory): true
-                                    # (all of it) or selective (all but products' and kernels' outputs)
-    compile: Optional[str] = None   # a torch.compile mode (COMPILE_MODES), e.g. reduce-overhead; fsdp: per block
-    threads: int = 0                # CPU threads for torch (0: torch's default)
     eval_every: int = 100
     eval_batches: int = 8
     save_every: int = 500
     keep_last: int = 3              # step checkpoints kept
     out_dir: str = "runs/default"
-    seed: int = 0
-    resume: Optional[str] = None    # a step checkpoint, a run directory (its latest checkpoint) or "auto"
 
-    def __post_init__(self):
-        check_common(self, ("ctx_len", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every"))
-
-
-def check_common(cfg, positive: tuple[str, ...]) -> None:
-    """The checks every recipe schema shares: strategy, precision, compile, grad_checkpointing, and fields that
-    must be >= 1."""
-    if cfg.strategy not in STRATEGIES:
-        raise RecipeError(f"strategy must be one of {', '.join(STRATEGIES)}, got {cfg.strategy!r}")
-    if cfg.precision not in PRECISIONS:
-        raise RecipeError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
-    if cfg.compile is not None and cfg.compile not in COMPILE_MODES:
-        raise RecipeError(f"compile must be one of {', '.join(COMPILE_MODES)} (or null), got {cfg.compile!r}")
-    try:
-        check_grad_checkpointing(cfg.grad_checkpointing)
-    except ValueError as e:
-        raise RecipeError(str(e)) from None
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise RecipeError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    positive: ClassVar[tuple[str, ...]] = ("ctx_len", "batch_size", "grad_accum", "eval_every", "eval_batches",
+                                           "save_every")
 
 
 def recipe_path(recipe: str) -> Path:
@@ -165,4 +171,7 @@ def _task_schemas() -> dict[str, type]:
 
 
 def to_yaml(cfg) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The config as YAML: the task's own fields first, then the RunConfig fields every task shares."""
+    tree = OmegaConf.to_container(OmegaConf.structured(cfg))
+    shared = [f.name for f in fields(RunConfig)]
+    return OmegaConf.to_yaml({**{k: v for k, v in tree.items() if k not in shared}, **{k: tree[k] for k in shared}})
