@@ -1,5 +1,6 @@
-"""RWKV-5.2: the WKV op against its float64 reference, the LM's three modes, official init, official checkpoints,
-parity with the `rwkv` PyPI package on random official-format weights, and clear errors for bad input."""
+"""RWKV-5 (5.2, and the 5.0 / 5.1 preview): the WKV op against its float64 reference, the LM's three modes, official
+init, official checkpoints, parity with the `rwkv` PyPI package on random official-format weights of each version,
+and clear errors for bad input."""
 
 import math
 
@@ -10,7 +11,7 @@ from rwkv_oracle import package_outputs
 
 import zoo
 import zoo.models.rwkv5 as rwkv5  # registers rwkv5-*
-from blocks.rwkv5 import pack_wkv_state, unpack_wkv_state
+from blocks.rwkv5 import VERSIONS, pack_wkv_state, unpack_wkv_state
 from blocks.wkv5 import wkv5, wkv5_chunked, wkv5_reference
 from zoo.models.rwkv4 import RWKV4LM, RWKV4Config
 
@@ -130,10 +131,13 @@ def test_state_packing_round_trip():
 
 # ---- the language model -------------------------------------------------------------------------------------------
 
-def random_official_state_dict(vocab_size, n_layer, n_embd, head_size, dim_ffn, seed=0, dtype=torch.float32):
-    """A random RWKV-5.2 state dict with official keys, shapes and order, every tensor at a realistic, non-trivial
-    value: time_decay uniform in [-6, 1.5] (w from 0.9975 to 0.011), time_faaaa in [-1, 1.5], time_mix_* in
-    (0, 1), LayerNorm / GroupNorm weights near 1 and biases near 0, matrices N(0, 1/fan_in)."""
+def random_official_state_dict(vocab_size, n_layer, n_embd, head_size, dim_ffn, seed=0, dtype=torch.float32,
+                               version="5.2"):
+    """A random RWKV-5 state dict of `version` with official keys, shapes and order, every tensor at a realistic,
+    non-trivial value: time_decay uniform in [-6, 1.5] (w from 0.9975 to 0.011; [H, N] in 5.2, [H] before),
+    time_faaaa in [-1, 1.5] (5.2) or time_first in [-3, 1] (5.0 / 5.1: u = e^time_first), time_mix_* in (0, 1),
+    LayerNorm / GroupNorm weights near 1 and biases near 0, matrices N(0, 1/fan_in). 5.0 has no gate; 5.1 declares
+    it before the other projections, as the preview trainer did."""
     g = torch.Generator().manual_seed(seed)
     C, H = n_embd, n_embd // head_size
 
@@ -151,10 +155,16 @@ def random_official_state_dict(vocab_size, n_layer, n_embd, head_size, dim_ffn, 
     for i in range(n_layer):
         b = f"blocks.{i}"
         sd |= norm(f"{b}.ln1") | norm(f"{b}.ln2") | (norm(f"{b}.ln0") if i == 0 else {})
-        sd |= {f"{b}.att.time_mix_{x}": uniform(1, 1, C) for x in "kvrg"}
-        sd |= {f"{b}.att.time_decay": uniform(H, head_size, low=-6.0, high=1.5),
-               f"{b}.att.time_faaaa": uniform(H, head_size, low=-1.0, high=1.5)}
-        sd |= {f"{b}.att.{x}.weight": matrix(C, C) for x in ("receptance", "key", "value", "output", "gate")}
+        sd |= {f"{b}.att.time_mix_{x}": uniform(1, 1, C) for x in ("kvr" if version == "5.0" else "kvrg")}
+        if version == "5.2":
+            sd |= {f"{b}.att.time_decay": uniform(H, head_size, low=-6.0, high=1.5),
+                   f"{b}.att.time_faaaa": uniform(H, head_size, low=-1.0, high=1.5)}
+        else:
+            sd |= {f"{b}.att.time_decay": uniform(H, low=-6.0, high=1.5),
+                   f"{b}.att.time_first": uniform(H, low=-3.0, high=1.0)}
+        projections = {"5.0": ("receptance", "key", "value", "output"), "5.1": ("gate", "receptance", "key", "value",
+                       "output"), "5.2": ("receptance", "key", "value", "output", "gate")}[version]
+        sd |= {f"{b}.att.{x}.weight": matrix(C, C) for x in projections}
         sd |= norm(f"{b}.att.ln_x")
         sd |= {f"{b}.ffn.time_mix_k": uniform(1, 1, C), f"{b}.ffn.time_mix_r": uniform(1, 1, C),
                f"{b}.ffn.key.weight": matrix(dim_ffn, C), f"{b}.ffn.receptance.weight": matrix(C, C),
@@ -171,13 +181,14 @@ def load_official(state_dict):
     return model.eval()
 
 
-def tiny(dtype=torch.float32, seed=0):
+def tiny(dtype=torch.float32, seed=0, version="5.2"):
     """3 layers, width 32 in 4 heads of 8, vocab 97, random official-range weights."""
-    return load_official(random_official_state_dict(97, 3, 32, 8, 64, seed)).to(dtype)
+    return load_official(random_official_state_dict(97, 3, 32, 8, 64, seed, version=version)).to(dtype)
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("T, cuts", [(1, []), (2, [1]), (9, [4, 5]), (40, [1, 17, 33]), (67, [3, 35, 36])])
-def test_parallel_chunked_and_rnn_modes_agree(dtype, tol, T, cuts):
-    model = tiny(dtype)
+def test_parallel_chunked_and_rnn_modes_agree(dtype, tol, T, cuts, version):
+    model = tiny(dtype, version=version)
     idx = torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(T))
     with torch.no_grad():
         parallel, p_state = model(idx, return_state=True)
@@ -217,12 +228,14 @@ def test_batch_rows_of_the_state_are_each_sequence_alone():
     assert rel_err(logits, expected) <= 1e-6
 
 
-def test_gradients_flow_through_carried_state():
-    model = tiny().train()
+@pytest.mark.parametrize("version", VERSIONS)
+def test_gradients_flow_through_carried_state(version):
+    model = tiny(version=version).train()
     idx = torch.randint(0, 97, (2, 12))
     _, state = model(idx[:, :5], return_state=True)
     model(idx[:, 5:], state=state).sum().backward()
-    for p in (model.blocks[0].att.time_decay, model.blocks[0].att.time_faaaa, model.emb.weight):
+    att = model.blocks[0].att
+    for p in (att.time_decay, att.time_faaaa if version == "5.2" else att.time_first, model.emb.weight):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
 
 
@@ -251,6 +264,27 @@ def test_official_init():
         assert torch.allclose(ffn.key.weight.T @ ffn.key.weight, 224 / C * torch.eye(C), atol=1e-4)
     assert model.emb.weight.abs().max() <= 1e-4
     assert hasattr(model.blocks[0], "ln0") and not hasattr(model.blocks[1], "ln0")
+
+
+@pytest.mark.parametrize("version", ["5.0", "5.1"])
+def test_official_init_of_the_preview_versions(version):
+    """5.0 / 5.1: time_decay[h] = -6 + 5 (h/(H-1))^(0.7 + 1.3 l/(L-1)) and time_first = -3, one per head; the gate
+    (5.1) declared first, none in 5.0."""
+    L, C, N = 3, 64, 16
+    model = zoo.create_model("rwkv5-tiny", n_layer=L, n_embd=C, head_size=N, version=version)
+    h = torch.arange(C // N, dtype=torch.float64)
+    for l, block in enumerate(model.blocks):
+        att = block.att
+        assert not hasattr(att, "time_faaaa") and att.time_first.shape == att.time_decay.shape == (C // N,)
+        assert torch.allclose(att.time_decay.double(), -6 + 5 * (h / (C // N - 1)) ** (0.7 + 1.3 * l / (L - 1)))
+        assert (att.time_first == -3).all()
+    names = [n for n, _ in model.blocks[0].att.named_parameters()]
+    if version == "5.0":
+        assert model.blocks[0].att.gate is None and not any("_g" in n or "gate" in n for n in names)
+    else:
+        assert names.index("gate.weight") == names.index("time_first") + 1
+        weight = model.blocks[0].att.gate.weight
+        assert torch.allclose(weight @ weight.T, torch.eye(C), atol=1e-5)
 
 
 def test_registered_sizes():
@@ -287,11 +321,16 @@ VOCAB, N_LAYER, N_EMBD, HEAD_SIZE, DIM_FFN = 300, 2, 128, 64, 448
 SEQ_LEN, PREFILL_SPLITS, ATOL = 48, (19, 20), 1e-4
 
 
-@pytest.fixture(scope="module")
-def official_pth(tmp_path_factory):
-    path = tmp_path_factory.mktemp("rwkv5") / "RWKV-5-test.pth"
-    torch.save(random_official_state_dict(VOCAB, N_LAYER, N_EMBD, HEAD_SIZE, DIM_FFN, seed=2024), path)
+@pytest.fixture(scope="module", params=VERSIONS)
+def official_pth(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(f"rwkv{request.param}") / "RWKV-5-test.pth"
+    torch.save(random_official_state_dict(VOCAB, N_LAYER, N_EMBD, HEAD_SIZE, DIM_FFN, seed=2024,
+                                          version=request.param), path)
     return path
+
+
+def version_of(pth):
+    return pth.parent.name.removeprefix("rwkv")[:3]
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +342,7 @@ def tokens():
 def rwkv_package_logits(official_pth, tokens):
     """The `rwkv` package's logits [T, V] on the file, "cpu fp32": (sequence mode, token-by-token mode)."""
     outputs = package_outputs(official_pth, tokens[0])
-    assert outputs["version"] == 5.2
+    assert outputs["version"] == float(version_of(official_pth))
     return outputs["sequence"], outputs["token_by_token"]
 
 
@@ -336,13 +375,16 @@ def test_config_from_official_state_dict(official_pth):
     cfg = rwkv5.config_from_state_dict(sd)
     assert (cfg.vocab_size, cfg.n_layer, cfg.n_embd, cfg.head_size, cfg.dim_ffn) == (VOCAB, N_LAYER, N_EMBD,
                                                                                    HEAD_SIZE, DIM_FFN)
+    assert cfg.version == version_of(official_pth)
     assert rwkv5.config_from_state_dict(sd, ctx_len=77).ctx_len == 77
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_export_reproduces_the_official_file(tmp_path, dtype):
+def test_export_reproduces_the_official_file(tmp_path, dtype, version):
     """to_official_state_dict(load(file)) has the file's keys (in order), shapes, dtypes and values."""
-    source = random_official_state_dict(VOCAB, N_LAYER, N_EMBD, HEAD_SIZE, DIM_FFN, seed=3, dtype=dtype)
+    source = random_official_state_dict(VOCAB, N_LAYER, N_EMBD, HEAD_SIZE, DIM_FFN, seed=3, dtype=dtype,
+                                        version=version)
     torch.save(source, tmp_path / "source.pth")
     model = load_official(torch.load(tmp_path / "source.pth", map_location="cpu", weights_only=True))
     assert model.emb.weight.dtype == torch.float32
@@ -401,12 +443,16 @@ def test_bad_state_dicts_and_configs():
     missing = {k: v for k, v in sd.items() if k != "blocks.0.att.time_faaaa"}
     with pytest.raises(KeyError, match="missing.*blocks.0.att.time_faaaa"):
         rwkv5.config_from_state_dict(missing)
-    per_head_decay = dict(sd) | {"blocks.0.att.time_decay": torch.zeros(4)}
-    with pytest.raises(ValueError, match="only RWKV-5.2"):
+    per_head_decay = dict(sd) | {"blocks.0.att.time_decay": torch.zeros(4)}   # 5.1 keys: time_first, not faaaa
+    with pytest.raises(KeyError, match="not an RWKV-5.1 state dict: missing.*blocks.0.att.time_first"):
         rwkv5.config_from_state_dict(per_head_decay)
+    with pytest.raises(ValueError, match=r"shape \(4, 8, 1\).*per channel \[H, N\] \(5.2\) or per head"):
+        rwkv5.config_from_state_dict(dict(sd) | {"blocks.0.att.time_decay": torch.zeros(4, 8, 1)})
     with pytest.raises(ValueError, match="RWKV-6"):
         rwkv5.config_from_state_dict(dict(sd) | {"blocks.0.att.time_maa_x": torch.zeros(1, 1, 32)})
     with pytest.raises(ValueError, match="dim_att = n_embd"):
         rwkv5.config_from_state_dict(dict(sd) | {"blocks.0.att.key.weight": torch.zeros(64, 32)})
     with pytest.raises(ValueError, match="multiple of head_size=64"):
         zoo.create_model("rwkv5-tiny", n_embd=96, head_size=64)
+    with pytest.raises(ValueError, match="version must be one of 5.0, 5.1, 5.2, got '5.3'"):
+        zoo.create_model("rwkv5-tiny", version="5.3")
