@@ -443,9 +443,11 @@ def test_bad_state_dicts_and_configs():
     missing = {k: v for k, v in sd.items() if k != "blocks.0.att.time_faaaa"}
     with pytest.raises(KeyError, match="missing.*blocks.0.att.time_faaaa"):
         rwkv5.config_from_state_dict(missing)
-    per_head_decay = dict(sd) | {"blocks.0.att.time_decay": torch.zeros(4)}   # 5.1 keys: time_first, not faaaa
+    with pytest.raises(ValueError, match="one per head but the bonus is time_faaaa.*'r2' variant"):
+        rwkv5.config_from_state_dict(dict(sd) | {"blocks.0.att.time_decay": torch.zeros(4)})
+    preview = random_official_state_dict(97, 2, 32, 8, 64, version="5.1")
     with pytest.raises(KeyError, match="not an RWKV-5.1 state dict: missing.*blocks.0.att.time_first"):
-        rwkv5.config_from_state_dict(per_head_decay)
+        rwkv5.config_from_state_dict({k: v for k, v in preview.items() if k != "blocks.0.att.time_first"})
     with pytest.raises(ValueError, match=r"shape \(4, 8, 1\).*per channel \[H, N\] \(5.2\) or per head"):
         rwkv5.config_from_state_dict(dict(sd) | {"blocks.0.att.time_decay": torch.zeros(4, 8, 1)})
     with pytest.raises(ValueError, match="RWKV-6"):

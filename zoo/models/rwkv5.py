@@ -78,6 +78,10 @@ def config_from_state_dict(state_dict: dict[str, Tensor], **overrides) -> RWKV5C
         raise ValueError("this state dict has time_maa_* / time_decay_w1 keys: it is RWKV-6, not RWKV-5")
     decay = state_dict.get("blocks.0.att.time_decay")
     per_head = decay is not None and decay.squeeze().dim() <= 1
+    if per_head and "blocks.0.att.time_faaaa" in state_dict:
+        raise ValueError("blocks.0.att.time_decay is one per head but the bonus is time_faaaa: the RWKV-5 preview "
+                         "trainer's 'r2' variant, which is not supported (5.0 / 5.1 have time_first per head, 5.2 "
+                         "time_decay and time_faaaa per channel)")
     version = "5.2" if not per_head else "5.1" if "blocks.0.att.gate.weight" in state_dict else "5.0"
     required = ("blocks.0.att.time_decay", "blocks.0.att.time_first" if per_head else "blocks.0.att.time_faaaa",
                 "blocks.0.att.key.weight", *(("blocks.0.att.gate.weight",) if version != "5.0" else ()),
