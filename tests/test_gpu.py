@@ -28,9 +28,12 @@ def test_wkv_on_cuda_matches_fp64_reference(B, T, C):
     assert rel_err(y, ref) < 1e-4
 
 
-@pytest.mark.parametrize("name,extra", [("rwkv4-tiny", {}), ("rrwkv-tiny", {"dim_ffn": 192, "segment_len": 7})])
+@pytest.mark.parametrize("name,extra", [("rwkv4-tiny", {}), ("rrwkv-tiny", {"dim_ffn": 192, "segment_len": 7}),
+                                        ("rwkv5-tiny", {}), ("rwkv5-tiny", {"version": "5.1"}),
+                                        ("rwkv5-tiny", {"version": "5.0"})])
 def test_model_on_cuda_matches_cpu_fp64(name, extra):
-    """RWKV-4, and RRWKV with its medium WKV (u = -w over T / 7 mediums) on the same CUDA kernels."""
+    """RWKV-4, RRWKV with its medium WKV (u = -w over T / 7 mediums) on the same CUDA kernels, and RWKV-5 (5.2, and
+    5.0 / 5.1 with their per-head decay and bonus broadcast over the head) on the matrix-state kernel."""
     torch.manual_seed(0)
     model = zoo.create_model(name, n_layer=2, n_embd=64, **extra).double().eval()
     with torch.no_grad():
