@@ -83,8 +83,7 @@ class RWKV5TimeMix(nn.Module):
         self.time_mix_k = nn.Parameter(mixes["mix_k"])
         self.time_mix_v = nn.Parameter(mixes["mix_v"])
         self.time_mix_r = nn.Parameter(mixes["mix_r"])
-        gated = version != "5.0"
-        if gated:
+        if version != "5.0":
             self.time_mix_g = nn.Parameter(mixes["mix_r"].clone())
         if version == "5.2":
             self.time_decay = nn.Parameter(decay_init(n_embd, head_size, layer_id, n_layer))
