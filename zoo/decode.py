@@ -103,7 +103,9 @@ class _GraphedStep:
         if not isinstance(token_ids, Tensor) or tuple(token_ids.shape) != (self.batch_size,):
             shape = tuple(token_ids.shape) if isinstance(token_ids, Tensor) else type(token_ids).__name__
             raise ValueError(f"step takes token ids of shape [{self.batch_size}], got {shape}")
-        check_tokens(token_ids[:, None], self.model.config.vocab_size, token_ids.device)  # ids on a GPU: one sync
+        # graph replays, compiled steps and RWKV4Step read ids unchecked (a sync on a GPU; an eager model step
+        # checks them once more)
+        check_tokens(token_ids[:, None], self.model.config.vocab_size, token_ids.device)
         self.tokens.copy_(token_ids, non_blocking=True)
         self._advance()
         return self.logits
