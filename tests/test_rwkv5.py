@@ -322,15 +322,16 @@ SEQ_LEN, PREFILL_SPLITS, ATOL = 48, (19, 20), 1e-4
 
 
 @pytest.fixture(scope="module", params=VERSIONS)
-def official_pth(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp(f"rwkv{request.param}") / "RWKV-5-test.pth"
+def official_version(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def official_pth(official_version, tmp_path_factory):
+    path = tmp_path_factory.mktemp(f"rwkv{official_version}") / "RWKV-5-test.pth"
     torch.save(random_official_state_dict(VOCAB, N_LAYER, N_EMBD, HEAD_SIZE, DIM_FFN, seed=2024,
-                                          version=request.param), path)
+                                          version=official_version), path)
     return path
-
-
-def version_of(pth):
-    return pth.parent.name.removeprefix("rwkv")[:3]
 
 
 @pytest.fixture(scope="module")
@@ -339,10 +340,10 @@ def tokens():
 
 
 @pytest.fixture(scope="module")
-def rwkv_package_logits(official_pth, tokens):
+def rwkv_package_logits(official_pth, official_version, tokens):
     """The `rwkv` package's logits [T, V] on the file, "cpu fp32": (sequence mode, token-by-token mode)."""
     outputs = package_outputs(official_pth, tokens[0])
-    assert outputs["version"] == float(version_of(official_pth))
+    assert outputs["version"] == float(official_version)
     return outputs["sequence"], outputs["token_by_token"]
 
 
@@ -370,12 +371,12 @@ def test_logits_match_rwkv_package(ours, tokens, rwkv_package_logits, mode, orac
     assert diff <= ATOL, f"{mode}: max abs logit difference {diff:.3g} > {ATOL}"
 
 
-def test_config_from_official_state_dict(official_pth):
+def test_config_from_official_state_dict(official_pth, official_version):
     sd = torch.load(official_pth, map_location="cpu", weights_only=True)
     cfg = rwkv5.config_from_state_dict(sd)
     assert (cfg.vocab_size, cfg.n_layer, cfg.n_embd, cfg.head_size, cfg.dim_ffn) == (VOCAB, N_LAYER, N_EMBD,
                                                                                    HEAD_SIZE, DIM_FFN)
-    assert cfg.version == version_of(official_pth)
+    assert cfg.version == official_version
     assert rwkv5.config_from_state_dict(sd, ctx_len=77).ctx_len == 77
 
 
