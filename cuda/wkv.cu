@@ -827,7 +827,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto seed = decayed_from(gaa.to(type), gbb.to(type), -pp_out.to(type));
   const auto before_first = decayed_storage(B, 1, C, opts);
   auto gk = at::empty_like(k), gv = at::empty_like(v);
-  auto gw = at::empty({B, g.N, C}, opts), gu = at::empty({B, g.N, C}, opts);
+  // Per-chunk w and u gradients side by side, so that one reduction sums both.
+  const auto gwu = at::empty({2, B, g.N, C}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "wkv4_backward", [&] {
     using T = acc_t<scalar_t>;
     auto stream = at::cuda::getCurrentCUDAStream();
@@ -844,7 +845,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       constexpr int V = decltype(width)::value;
       causal_grad_output<scalar_t, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
           g, wp, up, kp, vp, gyp, tile_starts.view<T>(), entering_right.view<T>(), gk.data_ptr<scalar_t>(),
-          gv.data_ptr<scalar_t>(), gw.data_ptr<T>(), gu.data_ptr<T>());
+          gv.data_ptr<scalar_t>(), gwu[0].data_ptr<T>(), gwu[1].data_ptr<T>());
     });
   });
   // The state in (aa, bb, pp) stands for e^pp (aa, bb), which reaches token t as e^{tw} e^pp (aa, bb): its
@@ -853,7 +854,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto scale = at::exp(r[4] + pp);
   const auto gaa_in = r[0] * scale, gbb_in = r[1] * scale;
   const auto gw_state = (scale * (aa * r[2] + bb * r[3])).sum(0);
-  return {gw.sum(at::IntArrayRef{0, 1}) + gw_state, gu.sum(at::IntArrayRef{0, 1}), gk, gv, gaa_in, gbb_in,
+  const auto gwu_sum = gwu.sum(at::IntArrayRef{1, 2});
+  return {gwu_sum[0] + gw_state, gwu_sum[1], gk, gv, gaa_in, gbb_in,
           aa * gaa_in + bb * gbb_in};
 }
 
@@ -923,7 +925,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biwkv_backward(
   const auto empty = empty_sums(B, C, opts);
   const auto unused_left = decayed_storage(B, 1, C, opts), unused_right = decayed_storage(B, 1, C, opts);
   auto gk = at::empty_like(k), gv = at::empty_like(v);
-  auto gw = at::empty({B, g.N, C}, opts), gu = at::empty({B, g.N, C}, opts);
+  const auto gwu = at::empty({2, B, g.N, C}, opts);  // as in wkv4_backward
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "biwkv_backward", [&] {
     using T = acc_t<scalar_t>;
     auto stream = at::cuda::getCurrentCUDAStream();
@@ -941,10 +943,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biwkv_backward(
       bi_grad_output<scalar_t, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
           g, wp, u.data_ptr<T>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), terms, entering_left.view<T>(),
           entering_right.view<T>(), tile_starts.view<T>(), gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(),
-          gw.data_ptr<T>(), gu.data_ptr<T>());
+          gwu[0].data_ptr<T>(), gwu[1].data_ptr<T>());
     });
   });
-  return {gw.sum(at::IntArrayRef{0, 1}), gu.sum(at::IntArrayRef{0, 1}), gk, gv};
+  const auto gwu_sum = gwu.sum(at::IntArrayRef{1, 2});
+  return {gwu_sum[0], gwu_sum[1], gk, gv};
 }
 
 }  // namespace
