@@ -93,7 +93,9 @@ def test_vrwkv_on_cuda_matches_cpu_fp64_and_trains_under_bf16():
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_selective_checkpointing_keeps_the_bi_wkv_output_and_less_memory(monkeypatch, compile):
     """vrwkv_tiny training at 512 px under bf16 autocast: selective checkpointing keeps the Bi-WKV kernel's outputs
-    (the policy sees the zoo op), gives the plain backward's gradients and holds well under its activations."""
+    (the policy sees the zoo op), holds well under the plain backward's activations, and its gradients are as close
+    to the fp32 ones as the plain bf16 backward's. (bf16 alone moves the spatial mixes' gradients by up to 4% of their
+    largest element, in eager and compiled runs alike, so two bf16 runs are compared through the fp32 gradients.)"""
     import timm
 
     from blocks import checkpointing
@@ -110,17 +112,18 @@ def test_selective_checkpointing_keeps_the_bi_wkv_output_and_less_memory(monkeyp
     forward = torch.compile(model) if compile else model
     x = torch.randn(4, 3, 512, 512, device="cuda")
 
-    def step():
+    def step(run=forward, bf16=True):
         model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         start = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = forward(x).float().logsumexp(-1).sum()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            loss = run(x).float().logsumexp(-1).sum()
         loss.backward()
         peak = torch.cuda.max_memory_allocated() - start
         return peak, {n: p.grad.float() for n, p in model.named_parameters()}
 
+    _, fp32 = step(model, bf16=False)
     step()   # compiles
     plain_peak, plain = step()
     model.set_grad_checkpointing("selective")
@@ -128,8 +131,8 @@ def test_selective_checkpointing_keeps_the_bi_wkv_output_and_less_memory(monkeyp
     peak, grads = step()
     assert "zoo" in seen
     assert peak < 0.6 * plain_peak, (peak, plain_peak)
-    for n in plain:
-        assert rel_err(grads[n], plain[n]) < 2e-2, n
+    selective_err, plain_err = (max(rel_err(g[n], fp32[n]) for n in fp32) for g in (grads, plain))
+    assert selective_err <= 1.5 * plain_err, (selective_err, plain_err)
 
 
 @pytest.mark.parametrize("name,compile", [("rwkv4-tiny", False), ("rwkv4-tiny", True), ("rwkv7-tiny", False),

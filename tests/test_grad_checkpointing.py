@@ -79,6 +79,30 @@ def test_the_selective_policy_keeps_narrow_products_and_recomputes_the_rest(monk
     assert len(elementwise) > 20 and not any(d == kept for op, shape, d in decisions if shape is None)
 
 
+@pytest.mark.parametrize("name", ["vrwkv_tiny", "rwkv4-tiny", "rwkv7-tiny", "gpt-tiny"])
+def test_the_one_region_keeps_each_blocks_output(monkeypatch, name):
+    """run_stack's region (entered here in eager by claiming to compile) marks each block's residual-stream output
+    with zoo::keep, which the policy keeps; the gradients stay those of the plain backward."""
+    decisions, policy = [], checkpointing.keep_products_and_kernels
+
+    def recording(ctx, op, *args, **kwargs):
+        decision = policy(ctx, op, *args, **kwargs)
+        if op == torch.ops.zoo.keep.default and not ctx.is_recompute:
+            decisions.append((tuple(args[0].shape), decision))
+        return decision
+
+    model, x = model_and_input(name, depth=3)
+    plain = torch.autograd.grad(model(x).logsumexp(-1).sum(), list(model.parameters()))
+    model.set_grad_checkpointing("selective")
+    monkeypatch.setattr(checkpointing, "keep_products_and_kernels", recording)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    regions = torch.autograd.grad(model(x).logsumexp(-1).sum(), list(model.parameters()))
+    stream = (2, 4, model.num_features) if name in VISION else (*x.shape, model.config.n_embd)
+    assert decisions == [(stream, checkpointing.CheckpointPolicy.MUST_SAVE)] * 3
+    for a, b in zip(regions, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_no_checkpointing_without_grad():
     """Under no_grad (evaluation) run_block calls the block as it is, whatever the mode."""
     calls = []
