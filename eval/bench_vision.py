@@ -100,28 +100,31 @@ def _plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     lines = dict.fromkeys((r["model"], r["compile"], r["grad_checkpointing"]) for r in rows)
+    sizes = sorted({(r["resolution"], r["batch"]) for r in rows})
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2 + 0.25 * len(lines)))
     panels = [("inference", "images_per_s"), ("training", "images_per_s"), ("training", "peak_gb")]
     for ax, (mode, metric) in zip(axes, panels):
-        for name, compile, checkpointing in lines:
+        for color, (name, compile, checkpointing) in enumerate(lines):
             pts = [(r["resolution"], r[metric]) for r in rows if r[metric] and r["mode"] == mode
                    and (r["model"], r["compile"], r["grad_checkpointing"]) == (name, compile, checkpointing)]
             if pts:
                 label = ", ".join([name] + [f"compile {compile}"] * (compile != "none")
                                   + [f"{checkpointing} checkpointing"] * (checkpointing != "none"))
-                ax.plot(*zip(*pts), "o-" if name.startswith("vrwkv") else "s--", label=label)
+                ax.plot(*zip(*pts), "o-" if name.startswith("vrwkv") else "s--", color=f"C{color}", label=label)
     for ax, mode in zip(axes[:2], ("inference", "training")):
         ax.set(yscale="log", ylabel="images / s", title=f"{mode} (bf16 autocast)")
     axes[2].set(ylabel="peak GiB", title="training step memory")
     for ax in axes:
         ax.set_xscale("log")
         ax.minorticks_off()
-        ax.set_xticks(list(BATCH), [f"{r}\n(batch {b})" for r, b in BATCH.items()])
+        ax.set_xticks([r for r, _ in sizes], [f"{r}\n(batch {b})" for r, b in sizes])
+        ax.set_xlim(sizes[0][0] / 1.4, sizes[-1][0] * 1.4)
         ax.set_xlabel("image size (px)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    legend = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=2, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.035 * ((len(legend) + 1) // 2) + 0.03, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
