@@ -97,7 +97,7 @@ def test_the_one_region_keeps_each_blocks_output(monkeypatch, name):
     monkeypatch.setattr(checkpointing, "keep_products_and_kernels", recording)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     regions = torch.autograd.grad(model(x).logsumexp(-1).sum(), list(model.parameters()))
-    stream = (2, 4, model.num_features) if name in VISION else (*x.shape, model.config.n_embd)
+    stream = (2, 4, model.num_features) if name in VISION else (*x.shape, model.config.n_embd)  # 2 x 2 patches
     assert decisions == [(stream, checkpointing.CheckpointPolicy.MUST_SAVE)] * 3
     for a, b in zip(regions, plain):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
