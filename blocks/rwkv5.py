@@ -24,7 +24,8 @@ VERSIONS = ("5.0", "5.1", "5.2")
 
 
 def decay_init(n_embd: int, head_size: int, layer_id: int, n_layer: int) -> Tensor:
-    """time_decay[c] = -6 + 5 (c/(C-1))^(0.7 + 1.3 l/(L-1)), shaped [H, N] (w = exp(-exp(time_decay)))."""
+    """time_decay[c] = -6 + 5 (c/(C-1))^(0.7 + 1.3 l/(L-1)), shaped [H, N] (w = exp(-exp(time_decay))). RWKV-5.0 /
+    5.1's one decay per head is the same ramp over the heads: decay_init(H, 1, ...)."""
     c = torch.arange(n_embd, dtype=torch.float32)
     depth = _ratios(layer_id, n_layer)[0]
     return (-6 + 5 * (c / max(n_embd - 1, 1)) ** (0.7 + 1.3 * depth)).view(-1, head_size)
@@ -35,13 +36,6 @@ def bonus_init(n_embd: int, head_size: int, layer_id: int, n_layer: int) -> Tens
     c = torch.arange(n_embd, dtype=torch.float32)
     depth = _ratios(layer_id, n_layer)[0]
     return (depth * (1 - c / max(n_embd - 1, 1)) + 0.1 * ((c + 1) % 3 - 1)).view(-1, head_size)
-
-
-def head_decay_init(n_head: int, layer_id: int, n_layer: int) -> Tensor:
-    """RWKV-5.0/5.1: time_decay[h] = -6 + 5 (h/(H-1))^(0.7 + 1.3 l/(L-1)), one per head [H]."""
-    h = torch.arange(n_head, dtype=torch.float32)
-    depth = _ratios(layer_id, n_layer)[0]
-    return -6 + 5 * (h / max(n_head - 1, 1)) ** (0.7 + 1.3 * depth)
 
 
 def pack_wkv_state(state: Tensor) -> Tensor:
@@ -89,7 +83,7 @@ class RWKV5TimeMix(nn.Module):
             self.time_decay = nn.Parameter(decay_init(n_embd, head_size, layer_id, n_layer))
             self.time_faaaa = nn.Parameter(bonus_init(n_embd, head_size, layer_id, n_layer))
         else:
-            self.time_decay = nn.Parameter(head_decay_init(self.n_head, layer_id, n_layer))
+            self.time_decay = nn.Parameter(decay_init(self.n_head, 1, layer_id, n_layer).view(-1))
             self.time_first = nn.Parameter(torch.full((self.n_head,), -3.0))
         self.gate = nn.Linear(n_embd, n_embd, bias=False) if version == "5.1" else None   # the preview's order
         self.receptance = nn.Linear(n_embd, n_embd, bias=False)

@@ -184,6 +184,8 @@ def load_official(state_dict):
 def tiny(dtype=torch.float32, seed=0, version="5.2"):
     """3 layers, width 32 in 4 heads of 8, vocab 97, random official-range weights."""
     return load_official(random_official_state_dict(97, 3, 32, 8, 64, seed, version=version)).to(dtype)
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("T, cuts", [(1, []), (2, [1]), (9, [4, 5]), (40, [1, 17, 33]), (67, [3, 35, 36])])
