@@ -13,9 +13,11 @@
 // direction takes three kinds of launch:
 //   summaries: each chunk's sums from an empty start (one thread per batch, chunk, channel);
 //   scans:     the sums entering every chunk, from the left or the right (one thread per batch, channel);
-//   outputs:   each chunk replays its tokens from its entering sums. A pass that needs sums from both sides
-//              walks register tiles of kSub tokens, last tile first: forward through the tile, keeping the
-//              per-token values in registers, then backward through it.
+//   outputs:   each chunk replays its tokens from its entering sums (the causal forward's output threads
+//              combine the summaries before their chunk themselves where rows have few chunks, sparing the
+//              scan's launch). A pass that needs sums from both sides walks register tiles of kSub tokens,
+//              last tile first: forward through the tile, keeping the per-token values in registers, then
+//              backward through it.
 // Gradients are the same sums run the other way. With alpha_t = dL/dwkv_t / den_t and beta_t = -alpha_t wkv_t,
 // the causal case has dL/dv_i = e^{k_i} sum_{t>i} e^{(t-1-i)w} alpha_t plus the bonus term; alpha_t carries
 // e^{-P_t}, P_t the largest exponent in den_t, and k_i + (t-1-i)w <= P_t keeps every product <= 1.
@@ -118,6 +120,12 @@ struct DecayedArray {
   template <bool kDistance>
   __device__ __forceinline__ Decayed<T> load(int64_t j, T w) const {
     return {a[j], b[j], kDistance ? da[j] : T(0), kDistance ? db[j] : T(0), m[j], T(0), w};
+  }
+  // As load, for a sum that may be absent (a null: the empty sum) or given without distance weights (da, db null).
+  template <bool kDistance>
+  __device__ __forceinline__ Decayed<T> load_given(int64_t j, T w) const {
+    if (a == nullptr) return Decayed<T>::empty(w);
+    return {a[j], b[j], kDistance && da ? da[j] : T(0), kDistance && db ? db[j] : T(0), m[j], T(0), w};
   }
   template <bool kDistance>
   __device__ __forceinline__ void store(int64_t j, const Decayed<T>& s) const {
@@ -279,13 +287,13 @@ __global__ void chunk_scan(Layout g, const T* __restrict__ w, int warps_per_row,
     before_len += lanes_below_len;
   }
   if (!valid) return;
-  Decayed<T> s = start.template load<kDistance>(row, wc).then(before_len, before);
+  Decayed<T> s = start.template load_given<kDistance>(row, wc).then(before_len, before);
   for (int64_t i = first; i < last; ++i) {
     const int64_t n = chunk(i);
     entering.template store<kDistance>(index(n), s);
     s = s.then(static_cast<T>(g.chunk_len(n)), summaries.template load<kDistance>(index(n), wc));
   }
-  if (first < last && last == g.N) finish.template store<kDistance>(row, s);
+  if (first < last && last == g.N && finish.a != nullptr) finish.template store<kDistance>(row, s);
 }
 
 // Per chunk, from an empty start, for token terms e^{x_t} (va_t, vb_t): the sum pushed left to right (stored
@@ -344,21 +352,32 @@ __global__ void causal_summary(Layout g, const acc_t<scalar_t>* __restrict__ w, 
   for (int i = 0; i < V; ++i) summaries.template store<false>(th.chunk_index(g) + i, s[i]);
 }
 
-template <typename scalar_t, int V>
+// Each chunk's outputs from the state entering it: with kOwnScan, the thread combines the summaries of the chunks
+// before its own from the row's start (which spares the scan's launch where rows have few chunks) and the last
+// chunk's thread stores the state after the last token; else `sums` holds the entering states.
+template <typename scalar_t, int V, bool kOwnScan>
 __global__ void causal_output(Layout g, const acc_t<scalar_t>* __restrict__ w, const acc_t<scalar_t>* __restrict__ u,
                               const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
-                              DecayedArray<acc_t<scalar_t>> entering, scalar_t* __restrict__ y) {
+                              DecayedArray<acc_t<scalar_t>> sums, DecayedArray<acc_t<scalar_t>> start,
+                              DecayedArray<acc_t<scalar_t>> finish, scalar_t* __restrict__ y) {
   using T = acc_t<scalar_t>;
   const int64_t idx = thread_index();
   if (idx >= g.B * g.N * (g.C / V)) return;
   const ChunkThread th = ChunkThread::of<V>(g, idx);
-  const int64_t base = th.token_offset(g);
+  const int64_t base = th.token_offset(g), row = th.b * g.C + th.c0;
   T uc[V];
   Decayed<T> s[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     uc[i] = u[th.c0 + i];
-    s[i] = entering.template load<false>(th.chunk_index(g) + i, w[th.c0 + i]);
+    s[i] = kOwnScan ? start.template load_given<false>(row + i, w[th.c0 + i])
+                    : sums.template load<false>(th.chunk_index(g) + i, w[th.c0 + i]);
+  }
+  if constexpr (kOwnScan) {
+    for (int64_t n = 0; n < th.n; ++n)  // chunks before this one are whole
+#pragma unroll
+      for (int i = 0; i < V; ++i) s[i] = s[i].then(T(g.L), sums.template load<false>((th.b * g.N + n) * g.C + th.c0 + i,
+                                                                                     s[i].w));
   }
   for (int64_t t = 0, len = g.chunk_len(th.n); t < len; ++t) {
     T kt[V], vt[V], out[V];
@@ -370,6 +389,10 @@ __global__ void causal_output(Layout g, const acc_t<scalar_t>* __restrict__ w, c
       s[i].push(kt[i], vt[i], T(1));
     }
     store_pack<scalar_t, V>(y + base + t * g.C, out);
+  }
+  if (kOwnScan && th.n == g.N - 1) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) finish.template store<false>(row + i, s[i]);
   }
 }
 
@@ -683,31 +706,25 @@ void with_width(int64_t C, int widest, F&& launch) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Storage for decayed sums: one [5, B, rows, C] tensor viewed as five arrays.
+// Storage for decayed sums: five arrays (a, b, da, db, m), each [B, rows, C]. An undefined array is a null
+// pointer in the view: no a is the empty sum (or, where a scan would store its final sum, nobody reads it);
+// no da, db are zero distance weights (see DecayedArray::load_given).
 struct DecayedStorage {
-  at::Tensor data;
+  at::Tensor a, b, da, db, m;
   template <typename T>
   DecayedArray<T> view() const {
-    T* p = data.data_ptr<T>();
-    const int64_t n = data.numel() / 5;
-    return {p, p + n, p + 2 * n, p + 3 * n, p + 4 * n};
+    const auto p = [](const at::Tensor& x) { return x.defined() ? x.data_ptr<T>() : nullptr; };
+    return {p(a), p(b), p(da), p(db), p(m)};
   }
 };
 
 DecayedStorage decayed_storage(int64_t B, int64_t rows, int64_t C, const at::TensorOptions& opts) {
-  return {at::empty({5, B, rows, C}, opts)};
+  const auto data = at::empty({5, B, rows, C}, opts);
+  return {data[0], data[1], data[2], data[3], data[4]};
 }
 
-// Sums given by parts, each [B, C]: (a, b, da, db, m).
-DecayedStorage decayed_from(const at::Tensor& a, const at::Tensor& b, const at::Tensor& m) {
-  const auto zeros = at::zeros_like(a);
-  return {at::stack({a, b, zeros, zeros, m}).contiguous()};
-}
-
-DecayedStorage empty_sums(int64_t B, int64_t C, const at::TensorOptions& opts) {
-  const auto zeros = at::zeros({B, C}, opts);
-  return decayed_from(zeros, zeros, at::full({B, C}, kEmpty, opts));
-}
+// A sum given by parts, each [B, C] (contiguous, in the arithmetic dtype), without distance weights.
+DecayedStorage decayed_from(const at::Tensor& a, const at::Tensor& b, const at::Tensor& m) { return {a, b, {}, {}, m}; }
 
 at::ScalarType arithmetic_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -760,18 +777,29 @@ void scan_chunks(const Layout& g, const T* w, const Scan& first, const Scan* sec
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The causal forward's first two passes: the state entering every chunk, and the state after the last token.
+// Each chunk's own sums from an empty start (the causal forward's first pass).
+template <typename scalar_t>
+DecayedStorage causal_summaries(const Layout& g, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v) {
+  using T = acc_t<scalar_t>;
+  const auto summaries = decayed_storage(g.B, g.N, g.C, w.options());
+  with_width(g.C, kMaxWidth, [&](auto width) {
+    constexpr int V = decltype(width)::value;
+    causal_summary<scalar_t, V><<<blocks_for(g.B * g.N * (g.C / V)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        g, w.data_ptr<T>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), summaries.view<T>());
+  });
+  return summaries;
+}
+
+// Whether the causal forward's output threads combine the summaries before their chunk themselves: where those
+// combines are at most a quarter of a chunk's tokens.
+bool own_scan(const Layout& g) { return 4 * g.N <= g.L; }
+
+// The state entering every chunk, and the state after the last token.
 template <typename scalar_t>
 void causal_states(const Layout& g, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
                    const DecayedStorage& start, const DecayedStorage& entering, const DecayedStorage& finish) {
   using T = acc_t<scalar_t>;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const auto summaries = decayed_storage(g.B, g.N, g.C, w.options());
-  with_width(g.C, kMaxWidth, [&](auto width) {
-    constexpr int V = decltype(width)::value;
-    causal_summary<scalar_t, V><<<blocks_for(g.B * g.N * (g.C / V)), kThreads, 0, stream>>>(
-        g, w.data_ptr<T>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), summaries.view<T>());
-  });
+  const auto summaries = causal_summaries<scalar_t>(g, w, k, v);
   scan_chunks<T, false>(g, w.data_ptr<T>(), Scan{start, summaries, entering, finish, false});
 }
 
@@ -788,21 +816,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_forward(
   const auto opts = k_.options().dtype(type);
   const auto w = as_arithmetic(w_, type), u = as_arithmetic(u_, type), k = k_.contiguous(), v = v_.contiguous();
   const Layout g = make_layout(B, T, C, channel_width(C, kMaxWidth), kTargetThreads);
-  const auto start = decayed_from(aa_.to(type), bb_.to(type), pp_.to(type));
-  const auto entering = decayed_storage(B, g.N, C, opts), finish = decayed_storage(B, 1, C, opts);
+  const auto start = decayed_from(as_arithmetic(aa_, type), as_arithmetic(bb_, type), as_arithmetic(pp_, type));
+  const DecayedStorage finish{at::empty({B, C}, opts), at::empty({B, C}, opts), {}, {}, at::empty({B, C}, opts)};
   auto y = at::empty_like(k);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "wkv4_forward", [&] {
     using T = acc_t<scalar_t>;
-    causal_states<scalar_t>(g, w, k, v, start, entering, finish);
+    const auto summaries = causal_summaries<scalar_t>(g, w, k, v);
+    const bool own = own_scan(g);
+    const auto sums = own ? summaries : decayed_storage(B, g.N, C, opts);  // the summaries, or the entering states
+    if (!own) scan_chunks<T, false>(g, w.data_ptr<T>(), Scan{start, summaries, sums, finish, false});
     with_width(C, kMaxWidth, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      causal_output<scalar_t, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          g, w.data_ptr<T>(), u.data_ptr<T>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), entering.view<T>(),
-          y.data_ptr<scalar_t>());
+      const auto launch = [&](auto kernel) {
+        kernel<<<blocks_for(B * g.N * (C / V)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            g, w.data_ptr<T>(), u.data_ptr<T>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), sums.view<T>(),
+            start.view<T>(), finish.view<T>(), y.data_ptr<scalar_t>());
+      };
+      own ? launch(causal_output<scalar_t, V, true>) : launch(causal_output<scalar_t, V, false>);
     });
   });
-  const auto state = finish.data.view({5, B, C});
-  return {y, state[0].clone(), state[1].clone(), state[4].clone()};
+  return {y, finish.a, finish.b, finish.m};
 }
 
 // Gradients of wkv4_forward. The output pp is a normalisation (the state stands for e^pp (aa, bb)): its
@@ -819,12 +852,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto opts = k_.options().dtype(type);
   const auto w = as_arithmetic(w_, type), u = as_arithmetic(u_, type);
   const auto k = k_.contiguous(), v = v_.contiguous(), gy = gy_.contiguous();
-  const auto aa = aa_.to(type), bb = bb_.to(type), pp = pp_.to(type);
+  const auto aa = as_arithmetic(aa_, type), bb = as_arithmetic(bb_, type), pp = as_arithmetic(pp_, type);
   const Layout g = make_layout(B, T, C, channel_width(C, kTileWidth), kTargetThreads);
   const auto entering = decayed_storage(B, g.N, C, opts), finish = decayed_storage(B, 1, C, opts);
   const auto tile_starts = decayed_storage(B, g.N * g.tiles(), C, opts);
   const auto from_right = decayed_storage(B, g.N, C, opts), entering_right = decayed_storage(B, g.N, C, opts);
-  const auto seed = decayed_from(gaa.to(type), gbb.to(type), -pp_out.to(type));
+  const auto seed = decayed_from(as_arithmetic(gaa, type), as_arithmetic(gbb, type), as_arithmetic(-pp_out, type));
   const auto before_first = decayed_storage(B, 1, C, opts);
   auto gk = at::empty_like(k), gv = at::empty_like(v);
   // Per-chunk w and u gradients side by side, so that one reduction sums both.
@@ -850,10 +883,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   });
   // The state in (aa, bb, pp) stands for e^pp (aa, bb), which reaches token t as e^{tw} e^pp (aa, bb): its
   // gradients are R_{-1}, the sums entering from the right at the first token.
-  const auto r = before_first.data.view({5, B, C});
-  const auto scale = at::exp(r[4] + pp);
-  const auto gaa_in = r[0] * scale, gbb_in = r[1] * scale;
-  const auto gw_state = (scale * (aa * r[2] + bb * r[3])).sum(0);
+  const auto r = [&](const at::Tensor& part) { return part.view({B, C}); };
+  const auto scale = at::exp(r(before_first.m) + pp);
+  const auto gaa_in = r(before_first.a) * scale, gbb_in = r(before_first.b) * scale;
+  const auto gw_state = (scale * (aa * r(before_first.da) + bb * r(before_first.db))).sum(0);
   const auto gwu_sum = gwu.sum(at::IntArrayRef{1, 2});
   return {gwu_sum[0] + gw_state, gwu_sum[1], gk, gv, gaa_in, gbb_in,
           aa * gaa_in + bb * gbb_in};
@@ -878,8 +911,7 @@ std::tuple<at::Tensor, at::Tensor> biwkv_forward(const at::Tensor& w_, const at:
   const auto from_left = decayed_storage(B, g.N, C, opts), from_right = decayed_storage(B, g.N, C, opts);
   const auto entering_left = decayed_storage(B, g.N, C, opts), entering_right = decayed_storage(B, g.N, C, opts);
   const auto tile_starts = decayed_storage(B, g.N * g.tiles(), C, opts);
-  const auto empty = empty_sums(B, C, opts);
-  const auto unused_left = decayed_storage(B, 1, C, opts), unused_right = decayed_storage(B, 1, C, opts);
+  const DecayedStorage empty, unused;  // no sums before the first chunk; the sums after the last unread
   auto y = at::empty_like(k);
   auto den = keep_den ? at::empty(den_shape(k), opts) : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "biwkv_forward", [&] {
@@ -892,8 +924,8 @@ std::tuple<at::Tensor, at::Tensor> biwkv_forward(const at::Tensor& w_, const at:
       two_way_summary<T, false, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
           g, wp, TokenTerms<scalar_t>{kp, vp}, from_left.view<T>(), from_right.view<T>(), tile_starts.view<T>());
     });
-    const Scan right{empty, from_right, entering_right, unused_right, true};
-    scan_chunks<T, false>(g, wp, Scan{empty, from_left, entering_left, unused_left, false}, &right);
+    const Scan right{empty, from_right, entering_right, unused, true};
+    scan_chunks<T, false>(g, wp, Scan{empty, from_left, entering_left, unused, false}, &right);
     with_width(C, kTileWidth, [&](auto width) {
       constexpr int V = decltype(width)::value;
       bi_output<scalar_t, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
@@ -922,8 +954,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biwkv_backward(
   const auto from_left = decayed_storage(B, g.N, C, opts), from_right = decayed_storage(B, g.N, C, opts);
   const auto entering_left = decayed_storage(B, g.N, C, opts), entering_right = decayed_storage(B, g.N, C, opts);
   const auto tile_starts = decayed_storage(B, g.N * g.tiles(), C, opts);
-  const auto empty = empty_sums(B, C, opts);
-  const auto unused_left = decayed_storage(B, 1, C, opts), unused_right = decayed_storage(B, 1, C, opts);
+  const DecayedStorage empty, unused;  // no sums before the first chunk; the sums after the last unread
   auto gk = at::empty_like(k), gv = at::empty_like(v);
   const auto gwu = at::empty({2, B, g.N, C}, opts);  // as in wkv4_backward
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "biwkv_backward", [&] {
@@ -936,8 +967,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biwkv_backward(
       two_way_summary<T, true, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
           g, wp, terms, from_left.view<T>(), from_right.view<T>(), tile_starts.view<T>());
     });
-    const Scan right{empty, from_right, entering_right, unused_right, true};
-    scan_chunks<T, true>(g, wp, Scan{empty, from_left, entering_left, unused_left, false}, &right);
+    const Scan right{empty, from_right, entering_right, unused, true};
+    scan_chunks<T, true>(g, wp, Scan{empty, from_left, entering_left, unused, false}, &right);
     with_width(C, kTileWidth, [&](auto width) {
       constexpr int V = decltype(width)::value;
       bi_grad_output<scalar_t, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
