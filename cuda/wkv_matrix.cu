@@ -38,7 +38,10 @@
 namespace {
 
 constexpr int kChunk = 8;  // tokens staged per shared-memory round
-constexpr int kParts = 4;  // threads per row of a state: each holds N / kParts of the row's elements
+// Threads per row of a state: each holds N / kParts<N> of the row's elements. Head size 64: 2, measured faster than
+// 4 (the WKV-7 fwd+bwd by a fifth) and than 1 or 8 (BENCHMARKS.md, issue 9); other sizes: 4, not measured otherwise.
+template <int N>
+constexpr int kParts = N == 64 ? 2 : 4;
 
 template <typename scalar_t>
 using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -58,23 +61,23 @@ struct Tokens {
 // of a shared vector together, free of bank conflicts).
 template <int N>
 struct Part {
-  static constexpr int L = N / kParts, Q = L / 4;  // elements held, groups of 4
-  static_assert(N % (4 * kParts) == 0, "head size must be a multiple of 16");
+  static constexpr int L = N / kParts<N>, Q = L / 4;  // elements held, groups of 4
+  static_assert(N % (4 * kParts<N>) == 0, "head size must be a multiple of 16");
   int row, part;
-  __device__ __forceinline__ static Part self() { return {int(threadIdx.x) / kParts, int(threadIdx.x) % kParts}; }
+  __device__ __forceinline__ static Part self() { return {int(threadIdx.x) / kParts<N>, int(threadIdx.x) % kParts<N>}; }
   // f(e, i) for each held element: e its register index, i its index in the row
   template <typename F>
   __device__ __forceinline__ void each(F f) const {
 #pragma unroll
     for (int q = 0; q < Q; ++q)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) f(4 * q + c, 4 * (part + kParts * q) + c);
+      for (int c = 0; c < 4; ++c) f(4 * q + c, 4 * (part + kParts<N> * q) + c);
   }
   // the sum of x over the row's kParts threads (consecutive lanes of one warp)
   template <typename A>
   __device__ __forceinline__ static A sum(A x) {
 #pragma unroll
-    for (int o = 1; o < kParts; o <<= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    for (int o = 1; o < kParts<N>; o <<= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
     return x;
   }
 };
@@ -91,7 +94,7 @@ __device__ __forceinline__ A sum4(const A (&x)[4]) {
 template <int N, int V, int kDot, typename A, typename Raw, typename Load, typename Stage, typename Step>
 __device__ __forceinline__ void walk(int64_t T, bool backward, A (*smem)[V][N], A* dots, Load load, Stage stage,
                                      Step step) {
-  constexpr int kPer = kChunk / kParts;
+  constexpr int kPer = kChunk / kParts<N>;
   const int n = threadIdx.x % N, first = threadIdx.x / N;  // tokens first, first + kParts, ... of each chunk
   const int64_t chunks = (T + kChunk - 1) / kChunk;
   auto token = [&](int64_t i) { return backward ? T - 1 - i : i; };
@@ -99,7 +102,7 @@ __device__ __forceinline__ void walk(int64_t T, bool backward, A (*smem)[V][N], 
   auto fetch = [&](int64_t c) {
 #pragma unroll
     for (int m = 0; m < kPer; ++m)
-      if (c * kChunk + first + kParts * m < T) load(token(c * kChunk + first + kParts * m), n, raw[m]);
+      if (c * kChunk + first + kParts<N> * m < T) load(token(c * kChunk + first + kParts<N> * m), n, raw[m]);
   };
   fetch(0);
   for (int64_t c = 0; c < chunks; ++c) {
@@ -107,7 +110,7 @@ __device__ __forceinline__ void walk(int64_t T, bool backward, A (*smem)[V][N], 
     __syncthreads();  // the previous chunk's readers are done
 #pragma unroll
     for (int m = 0; m < kPer; ++m)
-      if (first + kParts * m < len) stage(raw[m], smem[first + kParts * m], n);
+      if (first + kParts<N> * m < len) stage(raw[m], smem[first + kParts<N> * m], n);
     __syncthreads();
     if (c + 1 < chunks) fetch(c + 1);
     if constexpr (kDot >= 0) {
@@ -135,7 +138,7 @@ struct Wkv6Grad {
 };
 
 template <typename scalar_t, int N>
-__global__ void __launch_bounds__(N * kParts) wkv6_forward_kernel(
+__global__ void __launch_bounds__(N * kParts<N>) wkv6_forward_kernel(
     Tokens<N> g, const scalar_t* __restrict__ r, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
     const scalar_t* __restrict__ d, const acc_t<scalar_t>* u, const acc_t<scalar_t>* s0, scalar_t* __restrict__ y,
     acc_t<scalar_t>* s_out) {
@@ -177,7 +180,7 @@ __global__ void __launch_bounds__(N * kParts) wkv6_forward_kernel(
 // Role 0: S rows, forward (dr; shifted[t] = r_{t+1} dr'_{t+1}). Role 1: dS rows, backward (dk, du, dS_0;
 // decay_terms[t] = -k_t dk'_t, plus the final state's term at T-1). Role 2: dS columns, backward (dv).
 template <typename scalar_t, int N>
-__global__ void __launch_bounds__(N * kParts) wkv6_backward_kernel(
+__global__ void __launch_bounds__(N * kParts<N>) wkv6_backward_kernel(
     Tokens<N> g, const scalar_t* __restrict__ r, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
     const scalar_t* __restrict__ d, const acc_t<scalar_t>* u, const acc_t<scalar_t>* s0,
     const acc_t<scalar_t>* s_out, const scalar_t* __restrict__ gy, const acc_t<scalar_t>* gs_out,
@@ -272,7 +275,7 @@ struct Wkv7Raw {
 };
 
 template <typename scalar_t, int N>
-__global__ void __launch_bounds__(N * kParts) wkv7_forward_kernel(
+__global__ void __launch_bounds__(N * kParts<N>) wkv7_forward_kernel(
     Tokens<N> g, const scalar_t* __restrict__ r, const scalar_t* __restrict__ lw, const scalar_t* __restrict__ k,
     const scalar_t* __restrict__ v, const scalar_t* __restrict__ a, const scalar_t* __restrict__ bb,
     const acc_t<scalar_t>* s0, scalar_t* __restrict__ y, acc_t<scalar_t>* s_out, acc_t<scalar_t>* sa_out) {
@@ -318,7 +321,7 @@ __global__ void __launch_bounds__(N * kParts) wkv7_forward_kernel(
 
 // dS rows, backward: dv, dsa_t = dS_t b_t and dS_0.
 template <typename scalar_t, int N>
-__global__ void __launch_bounds__(N * kParts) wkv7_backward_rows_kernel(
+__global__ void __launch_bounds__(N * kParts<N>) wkv7_backward_rows_kernel(
     Tokens<N> g, const scalar_t* __restrict__ r, const scalar_t* __restrict__ lw, const scalar_t* __restrict__ k,
     const scalar_t* __restrict__ a, const scalar_t* __restrict__ bb, const scalar_t* __restrict__ gy,
     const acc_t<scalar_t>* gs_out, scalar_t* __restrict__ gv, acc_t<scalar_t>* dsa_out, acc_t<scalar_t>* gs0) {
@@ -371,7 +374,7 @@ struct Wkv7Cols {
 // Role 0: S columns, forward from sa (dr, da; shifted[t] = r_t dr_t + a_{t+1} da_{t+1}). Role 1: dS columns,
 // backward from dsa (dk, db; decay_terms[t] = -k_t dk_t - b_t db_t, plus the final state's term at T-1).
 template <typename scalar_t, int N>
-__global__ void __launch_bounds__(N * kParts) wkv7_backward_columns_kernel(
+__global__ void __launch_bounds__(N * kParts<N>) wkv7_backward_columns_kernel(
     Tokens<N> g, const scalar_t* __restrict__ r, const scalar_t* __restrict__ lw, const scalar_t* __restrict__ k,
     const scalar_t* __restrict__ v, const scalar_t* __restrict__ a, const scalar_t* __restrict__ bb,
     const acc_t<scalar_t>* s0, const acc_t<scalar_t>* s_out, const acc_t<scalar_t>* sa,
@@ -571,7 +574,7 @@ std::tuple<at::Tensor, at::Tensor> wkv6_forward(const at::Tensor& r_, const at::
     using K = decltype(kernel);
     using scalar_t = typename K::scalar_t;
     using A = acc_t<scalar_t>;
-    wkv6_forward_kernel<scalar_t, K::N><<<B * H, K::N * kParts, 0, at::cuda::getCurrentCUDAStream()>>>(
+    wkv6_forward_kernel<scalar_t, K::N><<<B * H, K::N * kParts<K::N>, 0, at::cuda::getCurrentCUDAStream()>>>(
         Tokens<K::N>{T, H, reverse}, r.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         w.data_ptr<scalar_t>(), u.data_ptr<A>(), s0.data_ptr<A>(), y.data_ptr<scalar_t>(), s_out.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -597,7 +600,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using K = decltype(kernel);
     using scalar_t = typename K::scalar_t;
     using A = acc_t<scalar_t>;
-    wkv6_backward_kernel<scalar_t, K::N><<<dim3(B * H, 3), K::N * kParts, 0, at::cuda::getCurrentCUDAStream()>>>(
+    wkv6_backward_kernel<scalar_t, K::N><<<dim3(B * H, 3), K::N * kParts<K::N>, 0, at::cuda::getCurrentCUDAStream()>>>(
         Tokens<K::N>{T, H, reverse}, r.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         w.data_ptr<scalar_t>(), u.data_ptr<A>(), s0.data_ptr<A>(), s_out.data_ptr<A>(), gy.data_ptr<scalar_t>(),
         gs_out.data_ptr<A>(), gr.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(),
@@ -624,7 +627,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> wkv7_forward(const at::Tensor& r_
     using K = decltype(kernel);
     using scalar_t = typename K::scalar_t;
     using A = acc_t<scalar_t>;
-    wkv7_forward_kernel<scalar_t, K::N><<<B * H, K::N * kParts, 0, at::cuda::getCurrentCUDAStream()>>>(
+    wkv7_forward_kernel<scalar_t, K::N><<<B * H, K::N * kParts<K::N>, 0, at::cuda::getCurrentCUDAStream()>>>(
         Tokens<K::N>{T, H, false}, in[0].data_ptr<scalar_t>(), in[1].data_ptr<scalar_t>(),
         in[2].data_ptr<scalar_t>(), in[3].data_ptr<scalar_t>(), in[4].data_ptr<scalar_t>(),
         in[5].data_ptr<scalar_t>(), s0.data_ptr<A>(), y.data_ptr<scalar_t>(), s_out.data_ptr<A>(),
@@ -660,12 +663,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using A = acc_t<scalar_t>;
     const Tokens<K::N> g{T, H, false};
     auto stream = at::cuda::getCurrentCUDAStream();
-    wkv7_backward_rows_kernel<scalar_t, K::N><<<B * H, K::N * kParts, 0, stream>>>(
+    wkv7_backward_rows_kernel<scalar_t, K::N><<<B * H, K::N * kParts<K::N>, 0, stream>>>(
         g, r.data_ptr<scalar_t>(), lw.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
         b.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), gs_out.data_ptr<A>(), gv.data_ptr<scalar_t>(),
         dsa.data_ptr<A>(), gs0.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    wkv7_backward_columns_kernel<scalar_t, K::N><<<dim3(B * H, 2), K::N * kParts, 0, stream>>>(
+    wkv7_backward_columns_kernel<scalar_t, K::N><<<dim3(B * H, 2), K::N * kParts<K::N>, 0, stream>>>(
         g, r.data_ptr<scalar_t>(), lw.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), s0.data_ptr<A>(), s_out.data_ptr<A>(), sa.data_ptr<A>(),
         dsa.data_ptr<A>(), gy.data_ptr<scalar_t>(), gs_out.data_ptr<A>(), gr.data_ptr<scalar_t>(),
