@@ -145,12 +145,10 @@ def bench_vision(out_json: str | None = "bench_vision.json", out_png: str | None
         raise ValueError(f"unknown models {unknown}; close: {close}")
     if not set(resolutions) <= set(BATCH):
         raise ValueError(f"resolutions must be among {list(BATCH)} (each has its batch), got {list(resolutions)}")
-    bad_modes = [c for c in compile if c not in COMPILE_MODES]
-    if bad_modes:
-        raise ValueError(f"compile modes must be among {COMPILE_MODES}, got {bad_modes}")
-    bad_modes = [c for c in grad_checkpointing if c not in CHECKPOINTING]
-    if bad_modes:
-        raise ValueError(f"grad checkpointing modes must be among {tuple(CHECKPOINTING)}, got {bad_modes}")
+    for what, asked, allowed in (("compile", compile, COMPILE_MODES),
+                                 ("grad checkpointing", grad_checkpointing, tuple(CHECKPOINTING))):
+        if bad := [m for m in asked if m not in allowed]:
+            raise ValueError(f"{what} modes must be among {allowed}, got {bad}")
     if not torch.cuda.is_available():
         raise RuntimeError("needs a CUDA GPU")
 
