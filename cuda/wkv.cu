@@ -374,10 +374,11 @@ __global__ void causal_output(Layout g, const acc_t<scalar_t>* __restrict__ w, c
                     : sums.template load<false>(th.chunk_index(g) + i, w[th.c0 + i]);
   }
   if constexpr (kOwnScan) {
-    for (int64_t n = 0; n < th.n; ++n)  // chunks before this one are whole
+    for (int64_t n = 0; n < th.n; ++n) {  // chunks before this one are whole
+      const int64_t chunk = (th.b * g.N + n) * g.C + th.c0;
 #pragma unroll
-      for (int i = 0; i < V; ++i) s[i] = s[i].then(T(g.L), sums.template load<false>((th.b * g.N + n) * g.C + th.c0 + i,
-                                                                                     s[i].w));
+      for (int i = 0; i < V; ++i) s[i] = s[i].then(T(g.L), sums.template load<false>(chunk + i, s[i].w));
+    }
   }
   for (int64_t t = 0, len = g.chunk_len(th.n); t < len; ++t) {
     T kt[V], vt[V], out[V];

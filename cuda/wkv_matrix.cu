@@ -38,8 +38,8 @@
 namespace {
 
 constexpr int kChunk = 8;  // tokens staged per shared-memory round
-// Threads per row of a state: each holds N / kParts<N> of the row's elements. Head size 64: 2, measured faster than
-// 4 (the WKV-7 fwd+bwd by a fifth) and than 1 or 8 (BENCHMARKS.md, issue 9); other sizes: 4, not measured otherwise.
+// Threads per row of a state: each holds N / kParts<N> of the row's elements. Head size 64: 2 (WKV-7 fwd+bwd a fifth
+// faster than with 4, WKV-6 within 2%; 1 and 8 slower: BENCHMARKS.md, issue 9); other sizes: 4 (2 not measured).
 template <int N>
 constexpr int kParts = N == 64 ? 2 : 4;
 
