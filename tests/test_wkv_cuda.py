@@ -83,11 +83,13 @@ def test_extreme_inputs():
     assert rel_err(y, ref) <= 5e-5
 
 
-def test_state_carried_across_calls():
-    w, u, k, v = inputs(3, 2 * 999, 33)
+# T = 999 takes the forward's scan over chunks; 100 (few chunks a row) output threads that combine the summaries
+@pytest.mark.parametrize("T", [999, 100], ids=["scan", "own-scan"])
+def test_state_carried_across_calls(T):
+    w, u, k, v = inputs(3, 2 * T, 33)
     whole, whole_state = kernel_forward(w, u, k, v)
-    first, state = kernel_forward(w, u, k[:, :999], v[:, :999])
-    second, end_state = kernel_forward(w, u, k[:, 999:], v[:, 999:], [s.cpu() for s in state])
+    first, state = kernel_forward(w, u, k[:, :T], v[:, :T])
+    second, end_state = kernel_forward(w, u, k[:, T:], v[:, T:], [s.cpu() for s in state])
     assert rel_err(torch.cat([first, second], 1), whole) <= 1e-5
     for a, b in zip(end_state, whole_state):
         assert rel_err(a, b) <= 1e-5
