@@ -7,8 +7,9 @@
 //   S_t = S_{t-1} (diag(w_t) + a_t b_t^T) + v_t k_t^T,   y_t = S_t r_t,   w_t = exp(log_w_t)
 //
 // One block walks one (batch, head) through the sequence; each row or column of S (or of its gradient dS) is held in
-// the registers of kParts threads, which sum their partial dot products with warp shuffles. The per-token vectors a
-// step reads are staged in shared memory kChunk tokens at a time, the next chunk's loads in flight meanwhile.
+// the registers of kParts threads (each holding kRows of them), which sum their partial dot products with warp
+// shuffles. The per-token vectors a step reads are staged in shared memory kChunk tokens at a time, read from global
+// memory in 16-byte words, the next chunk's loads in flight meanwhile.
 //
 // The backward steps no state back (no division by a decay). Every gradient but the decay's needs either the states
 // (a walk forward in time) or their gradients (a walk backward), each in one layout:
@@ -30,6 +31,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -38,10 +40,17 @@
 namespace {
 
 constexpr int kChunk = 8;  // tokens staged per shared-memory round
-// Threads per row of a state: each holds N / kParts<N> of the row's elements. Head size 64: 2 (WKV-7 fwd+bwd a fifth
-// faster than with 4, WKV-6 within 2%; 1 and 8 slower: BENCHMARKS.md, issue 9); other sizes: 4 (2 not measured).
+
+// Each thread holds a tile of a state: kRows consecutive rows, and of each row the elements in groups of 4 consecutive
+// ones, the groups dealt out over the row's kParts threads in turn (so that they read consecutive 16-byte words of a
+// shared vector together, free of bank conflicts); a step reads each shared vector element once for its kRows rows.
+// Head size 64: 2 x 2 was the fastest tile for WKV-7 and the WKV-6 backward of 1 x 2, 1 x 4, 2 x 2, 2 x 4, 4 x 4, 4 x 8
+// (BENCHMARKS.md, issue 9); other sizes keep about as many elements a thread (not measured).
+constexpr int kRows = 2;
 template <int N>
-constexpr int kParts = N == 64 ? 2 : 4;
+constexpr int kParts = N <= 64 ? 2 : 4;
+template <int N>
+constexpr int kThreads = N / kRows * kParts<N>;
 
 template <typename scalar_t>
 using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -56,61 +65,96 @@ struct Tokens {
   }
 };
 
-// This thread's share of a row of N elements: row = threadIdx.x / kParts, and of that row the elements in groups of 4
-// consecutive ones, the groups dealt out over the kParts threads in turn (so that they read consecutive 16-byte words
-// of a shared vector together, free of bank conflicts).
 template <int N>
 struct Part {
-  static constexpr int L = N / kParts<N>, Q = L / 4;  // elements held, groups of 4
-  static_assert(N % (4 * kParts<N>) == 0, "head size must be a multiple of 16");
-  int row, part;
-  __device__ __forceinline__ static Part self() { return {int(threadIdx.x) / kParts<N>, int(threadIdx.x) % kParts<N>}; }
-  // f(e, i) for each held element: e its register index, i its index in the row
+  static constexpr int L = N / kParts<N>, Q = L / 4;  // elements of each row held, groups of 4
+  static_assert(N % (4 * kParts<N>) == 0 && N % kRows == 0 && kThreads<N> % 32 == 0, "no tile for this size");
+  int row0, part;  // rows row0 .. row0 + kRows - 1
+  __device__ __forceinline__ static Part self() {
+    return {int(threadIdx.x) / kParts<N> * kRows, int(threadIdx.x) % kParts<N>};
+  }
+  // f(m, e, i) for each held element: row row0 + m, e its register index in the row, i its index in the row
   template <typename F>
   __device__ __forceinline__ void each(F f) const {
 #pragma unroll
     for (int q = 0; q < Q; ++q)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) f(4 * q + c, 4 * (part + kParts<N> * q) + c);
-  }
-  // the sum of x over the row's kParts threads (consecutive lanes of one warp)
-  template <typename A>
-  __device__ __forceinline__ static A sum(A x) {
+      for (int c = 0; c < 4; ++c)
 #pragma unroll
-    for (int o = 1; o < kParts<N>; o <<= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-    return x;
+        for (int m = 0; m < kRows; ++m) f(m, 4 * q + c, 4 * (part + kParts<N> * q) + c);
+  }
+  // f(m) for each held row row0 + m
+  template <typename F>
+  __device__ __forceinline__ static void rows(F f) {
+#pragma unroll
+    for (int m = 0; m < kRows; ++m) f(m);
+  }
+  // out[m] = x[row0 + m]
+  template <typename A>
+  __device__ __forceinline__ void of_rows(const A* x, A (&out)[kRows]) const {
+    rows([&](int m) { out[m] = x[row0 + m]; });
+  }
+  // whether this thread, of the row's kParts, writes row row0 + m's outputs
+  __device__ __forceinline__ bool writes(int m) const { return m % kParts<N> == part; }
+  // x[m] summed over the kParts threads of each row (consecutive lanes of one warp)
+  template <typename A>
+  __device__ __forceinline__ static void sum(A (&x)[kRows]) {
+#pragma unroll
+    for (int o = 1; o < kParts<N>; o <<= 1) rows([&](int m) { x[m] += __shfl_xor_sync(0xffffffffu, x[m], o); });
   }
 };
 
-template <typename A>
-__device__ __forceinline__ A sum4(const A (&x)[4]) {
-  return (x[0] + x[1]) + (x[2] + x[3]);
-}
+// Elements of T in one 16-byte load.
+template <typename T>
+constexpr int kLoadWidth = 16 / sizeof(T);
+
+// K consecutive elements read with 16-byte loads from a 16-byte-aligned address.
+template <typename T, int K = kLoadWidth<T>>
+struct Vec {
+  static constexpr int kWords = K * sizeof(T) / 16;
+  static_assert(kWords * 16 == K * sizeof(T), "a whole number of 16-byte words");
+  alignas(16) T x[K];
+  __device__ __forceinline__ static Vec at(const T* p) {
+    Vec v;
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) reinterpret_cast<uint4*>(v.x)[w] = __ldg(reinterpret_cast<const uint4*>(p) + w);
+    return v;
+  }
+  __device__ __forceinline__ T operator[](int c) const { return x[c]; }
+};
 
 // Walks logical tokens 0..T-1 (or T-1..0 when backward), kChunk at a time. load(t, n, raw) starts this thread's loads
-// of element n of token t (kept raw, so they stay in flight while the previous chunk is processed); stage(raw, slots,
-// n) writes element n of the token's shared vectors; step(t, slots, dot) processes token t, where
-// dot = sum_n slots[kDot][n] (kDot < 0: none). The N * kParts threads stage kChunk / kParts tokens each.
+// of elements n .. n + Raw::kWidth - 1 of token t (kept raw, so they stay in flight while the previous chunk is
+// processed); stage(raw, c, slots, n + c) writes the c-th of them to the token's shared vectors; step(t, slots, dot)
+// processes token t, where dot = sum_n slots[kDot][n] (kDot < 0: none). The kThreads threads share the chunk's
+// kChunk * N / kWidth pieces of kWidth elements.
 template <int N, int V, int kDot, typename A, typename Raw, typename Load, typename Stage, typename Step>
 __device__ __forceinline__ void walk(int64_t T, bool backward, A (*smem)[V][N], A* dots, Load load, Stage stage,
                                      Step step) {
-  constexpr int kPer = kChunk / kParts<N>;
-  const int n = threadIdx.x % N, first = threadIdx.x / N;  // tokens first, first + kParts, ... of each chunk
+  constexpr int kWidth = Raw::kWidth, kPieces = N / kWidth, kPer = (kChunk * kPieces + kThreads<N> - 1) / kThreads<N>;
+  static_assert(N % kWidth == 0, "head size must be a multiple of the load width");
   const int64_t chunks = (T + kChunk - 1) / kChunk;
   auto token = [&](int64_t i) { return backward ? T - 1 - i : i; };
+  auto piece = [](int m) { return m * kThreads<N> + int(threadIdx.x); };  // this thread's m-th piece of a chunk
   Raw raw[kPer];
   auto fetch = [&](int64_t c) {
 #pragma unroll
-    for (int m = 0; m < kPer; ++m)
-      if (c * kChunk + first + kParts<N> * m < T) load(token(c * kChunk + first + kParts<N> * m), n, raw[m]);
+    for (int m = 0; m < kPer; ++m) {
+      const int j = piece(m) / kPieces;
+      if (j < kChunk && c * kChunk + j < T) load(token(c * kChunk + j), piece(m) % kPieces * kWidth, raw[m]);
+    }
   };
   fetch(0);
   for (int64_t c = 0; c < chunks; ++c) {
     const int len = static_cast<int>(T - c * kChunk < kChunk ? T - c * kChunk : kChunk);
     __syncthreads();  // the previous chunk's readers are done
 #pragma unroll
-    for (int m = 0; m < kPer; ++m)
-      if (first + kParts<N> * m < len) stage(raw[m], smem[first + kParts<N> * m], n);
+    for (int m = 0; m < kPer; ++m) {
+      const int j = piece(m) / kPieces, n = piece(m) % kPieces * kWidth;
+      if (j < len)
+#pragma unroll
+        for (int e = 0; e < kWidth; ++e) stage(raw[m], e, smem[j], n + e);
+    }
     __syncthreads();
     if (c + 1 < chunks) fetch(c + 1);
     if constexpr (kDot >= 0) {
@@ -129,58 +173,62 @@ __device__ __forceinline__ void walk(int64_t T, bool backward, A (*smem)[V][N], 
 
 template <typename scalar_t>
 struct Wkv6Raw {
-  scalar_t r, k, d, v;
+  static constexpr int kWidth = kLoadWidth<scalar_t>;
+  Vec<scalar_t> r, k, d, v;
 };
 
 template <typename scalar_t>
 struct Wkv6Grad {
-  scalar_t r, k, d, v, dy;
+  static constexpr int kWidth = kLoadWidth<scalar_t>;
+  Vec<scalar_t> r, k, d, v, dy;
 };
 
 template <typename scalar_t, int N>
-__global__ void __launch_bounds__(N * kParts<N>) wkv6_forward_kernel(
+__global__ void __launch_bounds__(kThreads<N>) wkv6_forward_kernel(
     Tokens<N> g, const scalar_t* __restrict__ r, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
     const scalar_t* __restrict__ d, const acc_t<scalar_t>* u, const acc_t<scalar_t>* s0, scalar_t* __restrict__ y,
     acc_t<scalar_t>* s_out) {
   using A = acc_t<scalar_t>;
   enum { R, K, W, V, RUK, kSlots };
   __shared__ __align__(16) A smem[kChunk][kSlots][N];
-  __shared__ A dots[kChunk];
-  const auto p = Part<N>::self();  // row: value channel j; elements: key channels i of S[:, j]
+  __shared__ A dots[kChunk], us[N];
+  const auto p = Part<N>::self();  // rows: value channels j; elements: key channels i of S[:, j]
   const int64_t b = blockIdx.x / g.H, h = blockIdx.x % g.H, head = blockIdx.x * int64_t(N * N);
-  const A un = u[h * N + threadIdx.x % N];
-  A S[Part<N>::L];
-  p.each([&](int e, int i) { S[e] = s0[head + i * N + p.row]; });
+  for (int i = threadIdx.x; i < N; i += kThreads<N>) us[i] = u[h * N + i];  // read after walk's first barrier
+  A S[kRows][Part<N>::L];
+  p.each([&](int m, int e, int i) { S[m][e] = s0[head + i * N + p.row0 + m]; });
   walk<N, kSlots, RUK, A, Wkv6Raw<scalar_t>>(
       g.T, false, smem, dots,
       [&](int64_t t, int n, Wkv6Raw<scalar_t>& x) {
         const int64_t o = g.at(b, h, t) + n;
-        x = {r[o], k[o], d[o], v[o]};
+        x = {Vec<scalar_t>::at(r + o), Vec<scalar_t>::at(k + o), Vec<scalar_t>::at(d + o), Vec<scalar_t>::at(v + o)};
       },
-      [&](const Wkv6Raw<scalar_t>& x, A (*s)[N], int n) {
-        s[R][n] = A(x.r);
-        s[K][n] = A(x.k);
-        s[W][n] = exp(-exp(A(x.d)));
-        s[V][n] = A(x.v);
-        s[RUK][n] = A(x.r) * un * A(x.k);
+      [&](const Wkv6Raw<scalar_t>& x, int c, A (*s)[N], int n) {
+        s[R][n] = A(x.r[c]);
+        s[K][n] = A(x.k[c]);
+        s[W][n] = exp(-exp(A(x.d[c])));
+        s[V][n] = A(x.v[c]);
+        s[RUK][n] = A(x.r[c]) * us[n] * A(x.k[c]);
       },
       [&](int64_t t, const A (*s)[N], A ruk) {
-        const A vj = s[V][p.row];
-        A acc[4] = {A(0), A(0), A(0), A(0)};
-        p.each([&](int e, int i) {
-          acc[e % 4] += s[R][i] * S[e];
-          S[e] = s[W][i] * S[e] + s[K][i] * vj;
+        A vj[kRows], out[kRows] = {};
+        p.of_rows(s[V], vj);
+        p.each([&](int m, int e, int i) {
+          out[m] += s[R][i] * S[m][e];
+          S[m][e] = s[W][i] * S[m][e] + s[K][i] * vj[m];
         });
-        const A out = Part<N>::sum(sum4(acc)) + vj * ruk;
-        if (p.part == 0) y[g.at(b, h, t) + p.row] = static_cast<scalar_t>(out);
+        Part<N>::sum(out);
+        p.rows([&](int m) {
+          if (p.writes(m)) y[g.at(b, h, t) + p.row0 + m] = static_cast<scalar_t>(out[m] + vj[m] * ruk);
+        });
       });
-  p.each([&](int e, int i) { s_out[head + i * N + p.row] = S[e]; });
+  p.each([&](int m, int e, int i) { s_out[head + i * N + p.row0 + m] = S[m][e]; });
 }
 
 // Role 0: S rows, forward (dr; shifted[t] = r_{t+1} dr'_{t+1}). Role 1: dS rows, backward (dk, du, dS_0;
 // decay_terms[t] = -k_t dk'_t, plus the final state's term at T-1). Role 2: dS columns, backward (dv).
 template <typename scalar_t, int N>
-__global__ void __launch_bounds__(N * kParts<N>) wkv6_backward_kernel(
+__global__ void __launch_bounds__(kThreads<N>) wkv6_backward_kernel(
     Tokens<N> g, const scalar_t* __restrict__ r, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
     const scalar_t* __restrict__ d, const acc_t<scalar_t>* u, const acc_t<scalar_t>* s0,
     const acc_t<scalar_t>* s_out, const scalar_t* __restrict__ gy, const acc_t<scalar_t>* gs_out,
@@ -189,80 +237,96 @@ __global__ void __launch_bounds__(N * kParts<N>) wkv6_backward_kernel(
   using A = acc_t<scalar_t>;
   enum { R, K, W, V, DY, P, kSlots };  // P: dy * v (rows), r * u * k (columns)
   __shared__ __align__(16) A smem[kChunk][kSlots][N];
-  __shared__ A dots[kChunk];
+  __shared__ A dots[kChunk], us[N];
   const int role = blockIdx.y;
-  const auto p = Part<N>::self();  // row: key channel i (roles 0, 1) or value channel j (role 2)
+  const auto p = Part<N>::self();  // rows: key channels i (roles 0, 1) or value channels j (role 2)
   const int64_t b = blockIdx.x / g.H, h = blockIdx.x % g.H, head = blockIdx.x * int64_t(N * N);
-  const A un = u[h * N + threadIdx.x % N];  // for staging element threadIdx.x % N
-  const A u_row = u[h * N + p.row];
+  for (int i = threadIdx.x; i < N; i += kThreads<N>) us[i] = u[h * N + i];  // read after walk's first barrier
+  A u_row[kRows];
+  p.of_rows(u + h * N, u_row);
   auto load = [&](int64_t t, int n, Wkv6Grad<scalar_t>& x) {
     const int64_t o = g.at(b, h, t) + n;
-    x = {r[o], k[o], d[o], v[o], gy[o]};
+    x = {Vec<scalar_t>::at(r + o), Vec<scalar_t>::at(k + o), Vec<scalar_t>::at(d + o), Vec<scalar_t>::at(v + o),
+         Vec<scalar_t>::at(gy + o)};
   };
-  auto stage = [&](const Wkv6Grad<scalar_t>& x, A (*s)[N], int n) {
-    s[R][n] = A(x.r);
-    s[K][n] = A(x.k);
-    s[W][n] = exp(-exp(A(x.d)));
-    s[V][n] = A(x.v);
-    s[DY][n] = A(x.dy);
-    s[P][n] = role == 2 ? A(x.r) * un * A(x.k) : A(x.dy) * A(x.v);
+  auto stage = [&](const Wkv6Grad<scalar_t>& x, int c, A (*s)[N], int n) {
+    s[R][n] = A(x.r[c]);
+    s[K][n] = A(x.k[c]);
+    s[W][n] = exp(-exp(A(x.d[c])));
+    s[V][n] = A(x.v[c]);
+    s[DY][n] = A(x.dy[c]);
+    s[P][n] = role == 2 ? A(x.r[c]) * us[n] * A(x.k[c]) : A(x.dy[c]) * A(x.v[c]);
   };
-  A M[Part<N>::L];  // S or dS: part of row p.row (roles 0, 1) or of column p.row (role 2)
+  A M[kRows][Part<N>::L];  // S or dS: parts of rows (roles 0, 1) or of columns (role 2) row0 .. row0 + kRows - 1
   if (role == 0) {
-    p.each([&](int e, int j) { M[e] = s0[head + p.row * N + j]; });
+    p.each([&](int m, int e, int j) { M[m][e] = s0[head + (p.row0 + m) * N + j]; });
     walk<N, kSlots, P, A, Wkv6Grad<scalar_t>>(g.T, false, smem, dots, load, stage,
                                              [&](int64_t t, const A (*s)[N], A dyv) {
-                                               const A wi = s[W][p.row], ki = s[K][p.row];
-                                               A acc[4] = {A(0), A(0), A(0), A(0)};
-                                               p.each([&](int e, int j) {
-                                                 acc[e % 4] += M[e] * s[DY][j];
-                                                 M[e] = wi * M[e] + ki * s[V][j];
+                                               A wi[kRows], ki[kRows], drn[kRows] = {};
+                                               p.of_rows(s[W], wi);
+                                               p.of_rows(s[K], ki);
+                                               p.each([&](int m, int e, int j) {
+                                                 drn[m] += M[m][e] * s[DY][j];
+                                                 M[m][e] = wi[m] * M[m][e] + ki[m] * s[V][j];
                                                });
-                                               const A drn = Part<N>::sum(sum4(acc));
-                                               if (p.part == 0) {
-                                                 const A dr = drn + u_row * ki * dyv;
-                                                 gr[g.at(b, h, t) + p.row] = static_cast<scalar_t>(dr);
-                                                 if (t > 0) shifted[g.at(b, h, t - 1) + p.row] = s[R][p.row] * drn;
-                                               }
+                                               Part<N>::sum(drn);
+                                               p.rows([&](int m) {
+                                                 if (!p.writes(m)) return;
+                                                 const int64_t o = g.at(b, h, t) + p.row0 + m;
+                                                 gr[o] = static_cast<scalar_t>(drn[m] + u_row[m] * ki[m] * dyv);
+                                                 if (t > 0) shifted[g.at(b, h, t - 1) + p.row0 + m] =
+                                                     s[R][p.row0 + m] * drn[m];
+                                               });
                                              });
-    if (p.part == 0) shifted[g.at(b, h, g.T - 1) + p.row] = A(0);
-  } else if (role == 1) {
-    A fin = 0, du = 0;
-    p.each([&](int e, int j) {
-      M[e] = gs_out[head + p.row * N + j];
-      fin += M[e] * s_out[head + p.row * N + j];
+    p.rows([&](int m) {
+      if (p.writes(m)) shifted[g.at(b, h, g.T - 1) + p.row0 + m] = A(0);
     });
-    fin = Part<N>::sum(fin);
+  } else if (role == 1) {
+    A fin[kRows] = {}, du[kRows] = {};
+    p.each([&](int m, int e, int j) {
+      M[m][e] = gs_out[head + (p.row0 + m) * N + j];
+      fin[m] += M[m][e] * s_out[head + (p.row0 + m) * N + j];
+    });
+    Part<N>::sum(fin);
     walk<N, kSlots, P, A, Wkv6Grad<scalar_t>>(g.T, true, smem, dots, load, stage,
                                              [&](int64_t t, const A (*s)[N], A dyv) {
-                                               const A wi = s[W][p.row], ri = s[R][p.row], ki = s[K][p.row];
-                                               A acc[4] = {A(0), A(0), A(0), A(0)};
-                                               p.each([&](int e, int j) {
-                                                 acc[e % 4] += M[e] * s[V][j];
-                                                 M[e] = wi * M[e] + ri * s[DY][j];
+                                               A wi[kRows], ri[kRows], ki[kRows], dkn[kRows] = {};
+                                               p.of_rows(s[W], wi);
+                                               p.of_rows(s[R], ri);
+                                               p.of_rows(s[K], ki);
+                                               p.each([&](int m, int e, int j) {
+                                                 dkn[m] += M[m][e] * s[V][j];
+                                                 M[m][e] = wi[m] * M[m][e] + ri[m] * s[DY][j];
                                                });
-                                               const A dkn = Part<N>::sum(sum4(acc));
-                                               du += ri * ki * dyv;
-                                               if (p.part == 0) {
-                                                 const int64_t o = g.at(b, h, t) + p.row;
-                                                 gk[o] = static_cast<scalar_t>(dkn + u_row * ri * dyv);
-                                                 decay_terms[o] = -ki * dkn + (t == g.T - 1 ? fin : A(0));
-                                               }
+                                               Part<N>::sum(dkn);
+                                               p.rows([&](int m) {
+                                                 du[m] += ri[m] * ki[m] * dyv;
+                                                 if (!p.writes(m)) return;
+                                                 const int64_t o = g.at(b, h, t) + p.row0 + m;
+                                                 gk[o] = static_cast<scalar_t>(dkn[m] + u_row[m] * ri[m] * dyv);
+                                                 decay_terms[o] = -ki[m] * dkn[m] + (t == g.T - 1 ? fin[m] : A(0));
+                                               });
                                              });
-    p.each([&](int e, int j) { gs0[head + p.row * N + j] = M[e]; });
-    if (p.part == 0) gu_part[blockIdx.x * int64_t(N) + p.row] = du;
+    p.each([&](int m, int e, int j) { gs0[head + (p.row0 + m) * N + j] = M[m][e]; });
+    p.rows([&](int m) {
+      if (p.writes(m)) gu_part[blockIdx.x * int64_t(N) + p.row0 + m] = du[m];
+    });
   } else {
-    p.each([&](int e, int i) { M[e] = gs_out[head + i * N + p.row]; });
+    p.each([&](int m, int e, int i) { M[m][e] = gs_out[head + i * N + p.row0 + m]; });
     walk<N, kSlots, P, A, Wkv6Grad<scalar_t>>(g.T, true, smem, dots, load, stage,
                                              [&](int64_t t, const A (*s)[N], A ruk) {
-                                               const A dyj = s[DY][p.row];
-                                               A acc[4] = {A(0), A(0), A(0), A(0)};
-                                               p.each([&](int e, int i) {
-                                                 acc[e % 4] += M[e] * s[K][i];
-                                                 M[e] = s[W][i] * M[e] + s[R][i] * dyj;
+                                               A dyj[kRows], dv[kRows] = {};
+                                               p.of_rows(s[DY], dyj);
+                                               p.each([&](int m, int e, int i) {
+                                                 dv[m] += M[m][e] * s[K][i];
+                                                 M[m][e] = s[W][i] * M[m][e] + s[R][i] * dyj[m];
                                                });
-                                               const A dv = Part<N>::sum(sum4(acc)) + dyj * ruk;
-                                               if (p.part == 0) gv[g.at(b, h, t) + p.row] = static_cast<scalar_t>(dv);
+                                               Part<N>::sum(dv);
+                                               p.rows([&](int m) {
+                                                 if (p.writes(m))
+                                                   gv[g.at(b, h, t) + p.row0 + m] =
+                                                       static_cast<scalar_t>(dv[m] + dyj[m] * ruk);
+                                               });
                                              });
   }
 }
@@ -271,110 +335,117 @@ __global__ void __launch_bounds__(N * kParts<N>) wkv6_backward_kernel(
 
 template <typename scalar_t>
 struct Wkv7Raw {
-  scalar_t r, lw, k, a, b, x;  // x: v (forward) or dy (backward rows)
+  static constexpr int kWidth = kLoadWidth<scalar_t>;
+  Vec<scalar_t> r, lw, k, a, b, x;  // x: v (forward) or dy (backward rows)
 };
 
 template <typename scalar_t, int N>
-__global__ void __launch_bounds__(N * kParts<N>) wkv7_forward_kernel(
+__global__ void __launch_bounds__(kThreads<N>) wkv7_forward_kernel(
     Tokens<N> g, const scalar_t* __restrict__ r, const scalar_t* __restrict__ lw, const scalar_t* __restrict__ k,
     const scalar_t* __restrict__ v, const scalar_t* __restrict__ a, const scalar_t* __restrict__ bb,
     const acc_t<scalar_t>* s0, scalar_t* __restrict__ y, acc_t<scalar_t>* s_out, acc_t<scalar_t>* sa_out) {
   using A = acc_t<scalar_t>;
   enum { R, W, K, AA, BB, V, kSlots };
   __shared__ __align__(16) A smem[kChunk][kSlots][N];
-  const auto p = Part<N>::self();  // row: value channel i; elements: key channels j of S[i, :]
+  const auto p = Part<N>::self();  // rows: value channels i; elements: key channels j of S[i, :]
   const int64_t b = blockIdx.x / g.H, h = blockIdx.x % g.H, head = blockIdx.x * int64_t(N * N);
-  A S[Part<N>::L];
-  p.each([&](int e, int j) { S[e] = s0[head + p.row * N + j]; });
+  A S[kRows][Part<N>::L];
+  p.each([&](int m, int e, int j) { S[m][e] = s0[head + (p.row0 + m) * N + j]; });
   walk<N, kSlots, -1, A, Wkv7Raw<scalar_t>>(
       g.T, false, smem, nullptr,
       [&](int64_t t, int n, Wkv7Raw<scalar_t>& x) {
         const int64_t o = g.at(b, h, t) + n;
-        x = {r[o], lw[o], k[o], a[o], bb[o], v[o]};
+        x = {Vec<scalar_t>::at(r + o), Vec<scalar_t>::at(lw + o), Vec<scalar_t>::at(k + o),
+             Vec<scalar_t>::at(a + o), Vec<scalar_t>::at(bb + o), Vec<scalar_t>::at(v + o)};
       },
-      [&](const Wkv7Raw<scalar_t>& x, A (*s)[N], int n) {
-        s[R][n] = A(x.r);
-        s[W][n] = exp(A(x.lw));
-        s[K][n] = A(x.k);
-        s[AA][n] = A(x.a);
-        s[BB][n] = A(x.b);
-        s[V][n] = A(x.x);
+      [&](const Wkv7Raw<scalar_t>& x, int c, A (*s)[N], int n) {
+        s[R][n] = A(x.r[c]);
+        s[W][n] = exp(A(x.lw[c]));
+        s[K][n] = A(x.k[c]);
+        s[AA][n] = A(x.a[c]);
+        s[BB][n] = A(x.b[c]);
+        s[V][n] = A(x.x[c]);
       },
       [&](int64_t t, const A (*s)[N], A) {
-        A acc[4] = {A(0), A(0), A(0), A(0)};
-        p.each([&](int e, int j) { acc[e % 4] += S[e] * s[AA][j]; });
-        const A sa = Part<N>::sum(sum4(acc)), vi = s[V][p.row];
-        A out[4] = {A(0), A(0), A(0), A(0)};
-        p.each([&](int e, int j) {
-          S[e] = S[e] * s[W][j] + (sa * s[BB][j] + vi * s[K][j]);
-          out[e % 4] += S[e] * s[R][j];
+        A sa[kRows] = {}, vi[kRows], out[kRows] = {};
+        p.each([&](int m, int e, int j) { sa[m] += S[m][e] * s[AA][j]; });
+        Part<N>::sum(sa);
+        p.of_rows(s[V], vi);
+        p.each([&](int m, int e, int j) {
+          S[m][e] = S[m][e] * s[W][j] + (sa[m] * s[BB][j] + vi[m] * s[K][j]);
+          out[m] += S[m][e] * s[R][j];
         });
-        const A yi = Part<N>::sum(sum4(out));
-        if (p.part == 0) {
-          const int64_t o = g.at(b, h, t) + p.row;
-          y[o] = static_cast<scalar_t>(yi);
-          if (sa_out) sa_out[o] = sa;
-        }
+        Part<N>::sum(out);
+        p.rows([&](int m) {
+          if (!p.writes(m)) return;
+          const int64_t o = g.at(b, h, t) + p.row0 + m;
+          y[o] = static_cast<scalar_t>(out[m]);
+          if (sa_out) sa_out[o] = sa[m];
+        });
       });
-  p.each([&](int e, int j) { s_out[head + p.row * N + j] = S[e]; });
+  p.each([&](int m, int e, int j) { s_out[head + (p.row0 + m) * N + j] = S[m][e]; });
 }
 
 // dS rows, backward: dv, dsa_t = dS_t b_t and dS_0.
 template <typename scalar_t, int N>
-__global__ void __launch_bounds__(N * kParts<N>) wkv7_backward_rows_kernel(
+__global__ void __launch_bounds__(kThreads<N>) wkv7_backward_rows_kernel(
     Tokens<N> g, const scalar_t* __restrict__ r, const scalar_t* __restrict__ lw, const scalar_t* __restrict__ k,
     const scalar_t* __restrict__ a, const scalar_t* __restrict__ bb, const scalar_t* __restrict__ gy,
     const acc_t<scalar_t>* gs_out, scalar_t* __restrict__ gv, acc_t<scalar_t>* dsa_out, acc_t<scalar_t>* gs0) {
   using A = acc_t<scalar_t>;
   enum { R, W, K, AA, BB, DY, kSlots };
   __shared__ __align__(16) A smem[kChunk][kSlots][N];
-  const auto p = Part<N>::self();  // row: value channel i
+  const auto p = Part<N>::self();  // rows: value channels i
   const int64_t b = blockIdx.x / g.H, h = blockIdx.x % g.H, head = blockIdx.x * int64_t(N * N);
-  A dS[Part<N>::L];
-  p.each([&](int e, int j) { dS[e] = gs_out[head + p.row * N + j]; });
+  A dS[kRows][Part<N>::L];
+  p.each([&](int m, int e, int j) { dS[m][e] = gs_out[head + (p.row0 + m) * N + j]; });
   walk<N, kSlots, -1, A, Wkv7Raw<scalar_t>>(
       g.T, true, smem, nullptr,
       [&](int64_t t, int n, Wkv7Raw<scalar_t>& x) {
         const int64_t o = g.at(b, h, t) + n;
-        x = {r[o], lw[o], k[o], a[o], bb[o], gy[o]};
+        x = {Vec<scalar_t>::at(r + o), Vec<scalar_t>::at(lw + o), Vec<scalar_t>::at(k + o),
+             Vec<scalar_t>::at(a + o), Vec<scalar_t>::at(bb + o), Vec<scalar_t>::at(gy + o)};
       },
-      [&](const Wkv7Raw<scalar_t>& x, A (*s)[N], int n) {
-        s[R][n] = A(x.r);
-        s[W][n] = exp(A(x.lw));
-        s[K][n] = A(x.k);
-        s[AA][n] = A(x.a);
-        s[BB][n] = A(x.b);
-        s[DY][n] = A(x.x);
+      [&](const Wkv7Raw<scalar_t>& x, int c, A (*s)[N], int n) {
+        s[R][n] = A(x.r[c]);
+        s[W][n] = exp(A(x.lw[c]));
+        s[K][n] = A(x.k[c]);
+        s[AA][n] = A(x.a[c]);
+        s[BB][n] = A(x.b[c]);
+        s[DY][n] = A(x.x[c]);
       },
       [&](int64_t t, const A (*s)[N], A) {
-        const A dyi = s[DY][p.row];
-        A dsa[4] = {A(0), A(0), A(0), A(0)}, dv[4] = {A(0), A(0), A(0), A(0)};
-        p.each([&](int e, int j) {
-          dS[e] += dyi * s[R][j];
-          dsa[e % 4] += dS[e] * s[BB][j];
-          dv[e % 4] += dS[e] * s[K][j];
+        A dyi[kRows], dsa[kRows] = {}, dv[kRows] = {};
+        p.of_rows(s[DY], dyi);
+        p.each([&](int m, int e, int j) {
+          dS[m][e] += dyi[m] * s[R][j];
+          dsa[m] += dS[m][e] * s[BB][j];
+          dv[m] += dS[m][e] * s[K][j];
         });
-        const A sa_grad = Part<N>::sum(sum4(dsa)), dvi = Part<N>::sum(sum4(dv));
-        p.each([&](int e, int j) { dS[e] = dS[e] * s[W][j] + sa_grad * s[AA][j]; });
-        if (p.part == 0) {
-          const int64_t o = g.at(b, h, t) + p.row;
-          gv[o] = static_cast<scalar_t>(dvi);
-          dsa_out[o] = sa_grad;
-        }
+        Part<N>::sum(dsa);
+        Part<N>::sum(dv);
+        p.each([&](int m, int e, int j) { dS[m][e] = dS[m][e] * s[W][j] + dsa[m] * s[AA][j]; });
+        p.rows([&](int m) {
+          if (!p.writes(m)) return;
+          const int64_t o = g.at(b, h, t) + p.row0 + m;
+          gv[o] = static_cast<scalar_t>(dv[m]);
+          dsa_out[o] = dsa[m];
+        });
       });
-  p.each([&](int e, int j) { gs0[head + p.row * N + j] = dS[e]; });
+  p.each([&](int m, int e, int j) { gs0[head + (p.row0 + m) * N + j] = dS[m][e]; });
 }
 
 template <typename scalar_t>
 struct Wkv7Cols {
-  acc_t<scalar_t> sa, dsa;
-  scalar_t v, dy, r, lw, k, a, b;
+  static constexpr int kWidth = kLoadWidth<scalar_t>;
+  Vec<acc_t<scalar_t>, kWidth> sa, dsa;
+  Vec<scalar_t> v, dy, r, lw, k, a, b;
 };
 
 // Role 0: S columns, forward from sa (dr, da; shifted[t] = r_t dr_t + a_{t+1} da_{t+1}). Role 1: dS columns,
 // backward from dsa (dk, db; decay_terms[t] = -k_t dk_t - b_t db_t, plus the final state's term at T-1).
 template <typename scalar_t, int N>
-__global__ void __launch_bounds__(N * kParts<N>) wkv7_backward_columns_kernel(
+__global__ void __launch_bounds__(kThreads<N>) wkv7_backward_columns_kernel(
     Tokens<N> g, const scalar_t* __restrict__ r, const scalar_t* __restrict__ lw, const scalar_t* __restrict__ k,
     const scalar_t* __restrict__ v, const scalar_t* __restrict__ a, const scalar_t* __restrict__ bb,
     const acc_t<scalar_t>* s0, const acc_t<scalar_t>* s_out, const acc_t<scalar_t>* sa,
@@ -384,72 +455,89 @@ __global__ void __launch_bounds__(N * kParts<N>) wkv7_backward_columns_kernel(
   using A = acc_t<scalar_t>;
   enum { SA, DSA, V, DY, R, W, K, AA, BB, kSlots };
   __shared__ __align__(16) A smem[kChunk][kSlots][N];
-  const auto p = Part<N>::self();  // row: key channel j; elements: value channels i of column j of S or dS
+  const auto p = Part<N>::self();  // rows: key channels j; elements: value channels i of columns j of S or dS
   const int64_t b = blockIdx.x / g.H, h = blockIdx.x % g.H, head = blockIdx.x * int64_t(N * N);
   auto load = [&](int64_t t, int n, Wkv7Cols<scalar_t>& x) {
     const int64_t o = g.at(b, h, t) + n;
-    x = {sa[o], dsa[o], v[o], gy[o], r[o], lw[o], k[o], a[o], bb[o]};
+    using Sums = Vec<A, Wkv7Cols<scalar_t>::kWidth>;
+    x = {Sums::at(sa + o),         Sums::at(dsa + o),       Vec<scalar_t>::at(v + o),
+         Vec<scalar_t>::at(gy + o), Vec<scalar_t>::at(r + o), Vec<scalar_t>::at(lw + o),
+         Vec<scalar_t>::at(k + o),  Vec<scalar_t>::at(a + o), Vec<scalar_t>::at(bb + o)};
   };
-  auto stage = [&](const Wkv7Cols<scalar_t>& x, A (*s)[N], int n) {
-    s[SA][n] = x.sa;
-    s[DSA][n] = x.dsa;
-    s[V][n] = A(x.v);
-    s[DY][n] = A(x.dy);
-    s[R][n] = A(x.r);
-    s[W][n] = exp(A(x.lw));
-    s[K][n] = A(x.k);
-    s[AA][n] = A(x.a);
-    s[BB][n] = A(x.b);
+  auto stage = [&](const Wkv7Cols<scalar_t>& x, int c, A (*s)[N], int n) {
+    s[SA][n] = x.sa[c];
+    s[DSA][n] = x.dsa[c];
+    s[V][n] = A(x.v[c]);
+    s[DY][n] = A(x.dy[c]);
+    s[R][n] = A(x.r[c]);
+    s[W][n] = exp(A(x.lw[c]));
+    s[K][n] = A(x.k[c]);
+    s[AA][n] = A(x.a[c]);
+    s[BB][n] = A(x.b[c]);
   };
-  A M[Part<N>::L];
+  A M[kRows][Part<N>::L];
   if (blockIdx.y == 0) {
-    p.each([&](int e, int i) { M[e] = s0[head + i * N + p.row]; });
-    A r_dr = 0;  // r_{t-1} dr_{t-1}
+    p.each([&](int m, int e, int i) { M[m][e] = s0[head + i * N + p.row0 + m]; });
+    A r_dr[kRows] = {};  // r_{t-1} dr_{t-1}
     walk<N, kSlots, -1, A, Wkv7Cols<scalar_t>>(g.T, false, smem, nullptr, load, stage,
                                               [&](int64_t t, const A (*s)[N], A) {
-                                                const A wj = s[W][p.row], kj = s[K][p.row], bj = s[BB][p.row];
-                                                A da[4] = {A(0), A(0), A(0), A(0)}, dr[4] = {A(0), A(0), A(0), A(0)};
-                                                p.each([&](int e, int i) {
-                                                  da[e % 4] += M[e] * s[DSA][i];
-                                                  M[e] = M[e] * wj + (s[SA][i] * bj + s[V][i] * kj);
-                                                  dr[e % 4] += M[e] * s[DY][i];
+                                                A wj[kRows], kj[kRows], bj[kRows];
+                                                A da[kRows] = {}, dr[kRows] = {};
+                                                p.of_rows(s[W], wj);
+                                                p.of_rows(s[K], kj);
+                                                p.of_rows(s[BB], bj);
+                                                p.each([&](int m, int e, int i) {
+                                                  da[m] += M[m][e] * s[DSA][i];
+                                                  M[m][e] = M[m][e] * wj[m] + (s[SA][i] * bj[m] + s[V][i] * kj[m]);
+                                                  dr[m] += M[m][e] * s[DY][i];
                                                 });
-                                                const A gda = Part<N>::sum(sum4(da)), gdr = Part<N>::sum(sum4(dr));
-                                                if (p.part == 0) {
-                                                  const int64_t o = g.at(b, h, t) + p.row;
-                                                  gr[o] = static_cast<scalar_t>(gdr);
-                                                  ga[o] = static_cast<scalar_t>(gda);
-                                                  const A carried = r_dr + s[AA][p.row] * gda;
-                                                  if (t > 0) shifted[g.at(b, h, t - 1) + p.row] = carried;
-                                                }
-                                                r_dr = s[R][p.row] * gdr;
+                                                Part<N>::sum(da);
+                                                Part<N>::sum(dr);
+                                                p.rows([&](int m) {
+                                                  const int j = p.row0 + m;
+                                                  if (p.writes(m)) {
+                                                    const int64_t o = g.at(b, h, t) + j;
+                                                    gr[o] = static_cast<scalar_t>(dr[m]);
+                                                    ga[o] = static_cast<scalar_t>(da[m]);
+                                                    if (t > 0) shifted[g.at(b, h, t - 1) + j] = r_dr[m] + s[AA][j] * da[m];
+                                                  }
+                                                  r_dr[m] = s[R][j] * dr[m];
+                                                });
                                               });
-    if (p.part == 0) shifted[g.at(b, h, g.T - 1) + p.row] = r_dr;
-  } else {
-    A fin = 0;
-    p.each([&](int e, int i) {
-      M[e] = gs_out[head + i * N + p.row];
-      fin += M[e] * s_out[head + i * N + p.row];
+    p.rows([&](int m) {
+      if (p.writes(m)) shifted[g.at(b, h, g.T - 1) + p.row0 + m] = r_dr[m];
     });
-    fin = Part<N>::sum(fin);
+  } else {
+    A fin[kRows] = {};
+    p.each([&](int m, int e, int i) {
+      M[m][e] = gs_out[head + i * N + p.row0 + m];
+      fin[m] += M[m][e] * s_out[head + i * N + p.row0 + m];
+    });
+    Part<N>::sum(fin);
     walk<N, kSlots, -1, A, Wkv7Cols<scalar_t>>(g.T, true, smem, nullptr, load, stage,
                                               [&](int64_t t, const A (*s)[N], A) {
-                                                const A rj = s[R][p.row], wj = s[W][p.row], aj = s[AA][p.row];
-                                                A dk[4] = {A(0), A(0), A(0), A(0)}, db[4] = {A(0), A(0), A(0), A(0)};
-                                                p.each([&](int e, int i) {
-                                                  M[e] += s[DY][i] * rj;
-                                                  dk[e % 4] += M[e] * s[V][i];
-                                                  db[e % 4] += M[e] * s[SA][i];
-                                                  M[e] = M[e] * wj + s[DSA][i] * aj;
+                                                A rj[kRows], wj[kRows], aj[kRows];
+                                                A dk[kRows] = {}, db[kRows] = {};
+                                                p.of_rows(s[R], rj);
+                                                p.of_rows(s[W], wj);
+                                                p.of_rows(s[AA], aj);
+                                                p.each([&](int m, int e, int i) {
+                                                  M[m][e] += s[DY][i] * rj[m];
+                                                  dk[m] += M[m][e] * s[V][i];
+                                                  db[m] += M[m][e] * s[SA][i];
+                                                  M[m][e] = M[m][e] * wj[m] + s[DSA][i] * aj[m];
                                                 });
-                                                const A gdk = Part<N>::sum(sum4(dk)), gdb = Part<N>::sum(sum4(db));
-                                                if (p.part == 0) {
-                                                  const int64_t o = g.at(b, h, t) + p.row;
-                                                  gk[o] = static_cast<scalar_t>(gdk);
-                                                  gb[o] = static_cast<scalar_t>(gdb);
-                                                  decay_terms[o] = -(s[K][p.row] * gdk + s[BB][p.row] * gdb) +
-                                                                   (t == g.T - 1 ? fin : A(0));
-                                                }
+                                                Part<N>::sum(dk);
+                                                Part<N>::sum(db);
+                                                p.rows([&](int m) {
+                                                  const int j = p.row0 + m;
+                                                  if (!p.writes(m)) return;
+                                                  const int64_t o = g.at(b, h, t) + j;
+                                                  gk[o] = static_cast<scalar_t>(dk[m]);
+                                                  gb[o] = static_cast<scalar_t>(db[m]);
+                                                  decay_terms[o] = -(s[K][j] * dk[m] + s[BB][j] * db[m]) +
+                                                                   (t == g.T - 1 ? fin[m] : A(0));
+                                                });
                                               });
   }
 }
@@ -514,7 +602,14 @@ at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Checks the [B, T, H, N] token tensors (same shape, dtype and CUDA device, T >= 1) and returns them contiguous.
+// x contiguous at a 16-byte-aligned address (the kernels read tokens in 16-byte words; a view may start anywhere).
+at::Tensor aligned(const at::Tensor& x) {
+  at::Tensor out = x.contiguous();
+  return reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0 ? out : out.clone();
+}
+
+// Checks the [B, T, H, N] token tensors (same shape, dtype and CUDA device, T >= 1) and returns them contiguous and
+// aligned.
 std::vector<at::Tensor> tokens(const char* op, std::initializer_list<std::pair<const char*, at::Tensor>> named) {
   const at::Tensor& first = named.begin()->second;
   TORCH_CHECK(first.dim() == 4, op, ": token tensors must be [B, T, H, N], got ", shape(first.sizes()));
@@ -529,7 +624,7 @@ std::vector<at::Tensor> tokens(const char* op, std::initializer_list<std::pair<c
                 named.begin()->first, " is ", first.scalar_type());
     TORCH_CHECK(x.device() == first.device(), op, ": ", name, " is on ", x.device().str(), ", not ",
                 first.device().str());
-    out.push_back(x.contiguous());
+    out.push_back(aligned(x));
   }
   return out;
 }
@@ -547,12 +642,12 @@ at::Tensor side(const char* op, const char* name, const at::Tensor& x, at::IntAr
 
 void launch_suffix_sum(const at::Tensor& x, const at::Tensor& y, const at::Tensor* d, at::Tensor& out, bool reverse) {
   const int64_t B = out.size(0), T = out.size(1), C = out.size(2) * out.size(3);
-  constexpr int kThreads = 128;
-  const int64_t blocks = (B * C + kThreads - 1) / kThreads;
+  constexpr int kBlock = 128;
+  const int64_t blocks = (B * C + kBlock - 1) / kBlock;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "wkv suffix sum", [&] {
     using A = acc_t<scalar_t>;
-    suffix_sum_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+    suffix_sum_kernel<scalar_t><<<blocks, kBlock, 0, stream>>>(
         B, T, C, reverse, x.data_ptr<A>(), y.data_ptr<A>(), d ? d->data_ptr<scalar_t>() : nullptr,
         out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -574,7 +669,7 @@ std::tuple<at::Tensor, at::Tensor> wkv6_forward(const at::Tensor& r_, const at::
     using K = decltype(kernel);
     using scalar_t = typename K::scalar_t;
     using A = acc_t<scalar_t>;
-    wkv6_forward_kernel<scalar_t, K::N><<<B * H, K::N * kParts<K::N>, 0, at::cuda::getCurrentCUDAStream()>>>(
+    wkv6_forward_kernel<scalar_t, K::N><<<B * H, kThreads<K::N>, 0, at::cuda::getCurrentCUDAStream()>>>(
         Tokens<K::N>{T, H, reverse}, r.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         w.data_ptr<scalar_t>(), u.data_ptr<A>(), s0.data_ptr<A>(), y.data_ptr<scalar_t>(), s_out.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -600,7 +695,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using K = decltype(kernel);
     using scalar_t = typename K::scalar_t;
     using A = acc_t<scalar_t>;
-    wkv6_backward_kernel<scalar_t, K::N><<<dim3(B * H, 3), K::N * kParts<K::N>, 0, at::cuda::getCurrentCUDAStream()>>>(
+    wkv6_backward_kernel<scalar_t, K::N><<<dim3(B * H, 3), kThreads<K::N>, 0, at::cuda::getCurrentCUDAStream()>>>(
         Tokens<K::N>{T, H, reverse}, r.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         w.data_ptr<scalar_t>(), u.data_ptr<A>(), s0.data_ptr<A>(), s_out.data_ptr<A>(), gy.data_ptr<scalar_t>(),
         gs_out.data_ptr<A>(), gr.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(),
@@ -627,7 +722,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> wkv7_forward(const at::Tensor& r_
     using K = decltype(kernel);
     using scalar_t = typename K::scalar_t;
     using A = acc_t<scalar_t>;
-    wkv7_forward_kernel<scalar_t, K::N><<<B * H, K::N * kParts<K::N>, 0, at::cuda::getCurrentCUDAStream()>>>(
+    wkv7_forward_kernel<scalar_t, K::N><<<B * H, kThreads<K::N>, 0, at::cuda::getCurrentCUDAStream()>>>(
         Tokens<K::N>{T, H, false}, in[0].data_ptr<scalar_t>(), in[1].data_ptr<scalar_t>(),
         in[2].data_ptr<scalar_t>(), in[3].data_ptr<scalar_t>(), in[4].data_ptr<scalar_t>(),
         in[5].data_ptr<scalar_t>(), s0.data_ptr<A>(), y.data_ptr<scalar_t>(), s_out.data_ptr<A>(),
@@ -651,7 +746,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(sa_.sizes() == r.sizes() && sa_.scalar_type() == acc_type(r) && sa_.device() == r.device(), op,
               ": sa must be what wkv7_forward(keep_sa=True) returned, ", shape(r.sizes()), " in ", acc_type(r),
               ", got ", shape(sa_.sizes()), " in ", sa_.scalar_type());
-  const at::Tensor sa = sa_.contiguous();
+  const at::Tensor sa = aligned(sa_);
   const c10::cuda::CUDAGuard guard(r.device());
   auto gr = at::empty_like(r), glw = at::empty_like(lw), gk = at::empty_like(k), gv = at::empty_like(v);
   auto ga = at::empty_like(a), gb = at::empty_like(b), gs0 = at::empty_like(s0);
@@ -663,12 +758,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using A = acc_t<scalar_t>;
     const Tokens<K::N> g{T, H, false};
     auto stream = at::cuda::getCurrentCUDAStream();
-    wkv7_backward_rows_kernel<scalar_t, K::N><<<B * H, K::N * kParts<K::N>, 0, stream>>>(
+    wkv7_backward_rows_kernel<scalar_t, K::N><<<B * H, kThreads<K::N>, 0, stream>>>(
         g, r.data_ptr<scalar_t>(), lw.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
         b.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), gs_out.data_ptr<A>(), gv.data_ptr<scalar_t>(),
         dsa.data_ptr<A>(), gs0.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    wkv7_backward_columns_kernel<scalar_t, K::N><<<dim3(B * H, 2), K::N * kParts<K::N>, 0, stream>>>(
+    wkv7_backward_columns_kernel<scalar_t, K::N><<<dim3(B * H, 2), kThreads<K::N>, 0, stream>>>(
         g, r.data_ptr<scalar_t>(), lw.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), s0.data_ptr<A>(), s_out.data_ptr<A>(), sa.data_ptr<A>(),
         dsa.data_ptr<A>(), gy.data_ptr<scalar_t>(), gs_out.data_ptr<A>(), gr.data_ptr<scalar_t>(),

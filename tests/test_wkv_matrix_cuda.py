@@ -281,6 +281,9 @@ def test_noncontiguous_inputs_and_compile():
     r, k, v, w, u, s0 = (x.cuda() for x in wkv6_inputs(3, 64, 2, 64))
     k_nc = k.transpose(0, 1).contiguous().transpose(0, 1)
     assert not k_nc.is_contiguous() and torch.equal(wkv6(r, k_nc, v, w, u)[0], wkv6(r, k, v, w, u)[0])
+    # contiguous views that start off the kernels' 16-byte load alignment (element 1 of a larger buffer)
+    shifted = [torch.cat([t.new_zeros(1), t.flatten()])[1:].view_as(t) for t in (r, k, v, w)]
+    assert shifted[0].data_ptr() % 16 and torch.equal(wkv6(*shifted, u)[0], wkv6(r, k, v, w, u)[0])
     *x7, s7 = (t.cuda() for t in wkv7_inputs(2, 50, 2, 64))
     for fn, inputs in ((lambda *a: wkv6(*a)[0].square().sum(), (r, k, v, w, u)),
                        (lambda *a: biwkv6(*a).square().sum(), (r, k, v, w, u)),
