@@ -542,20 +542,38 @@ __global__ void __launch_bounds__(kThreads<N>) wkv7_backward_columns_kernel(
   }
 }
 
-// out_t = scale_t sum_{m >= t} (x_m + y_m) over logical time, one thread per (batch, channel), fp64 sums;
-// scale_t = log w_t = -exp(d_t) when the decay logits d are given (WKV-6: dL/dd = dL/dlog w * log w), else 1.
+// out_t = scale_t sum_{m >= t} (x_m + y_m) over logical time in fp64; scale_t = log w_t = -exp(d_t) when the decay
+// logits d are given (WKV-6: dL/dd = dL/dlog w * log w), else 1. A block takes 32 channels of one batch row, its
+// kScanSegments warps consecutive segments of time: each warp sums its segment, the warps share their sums, and each
+// walks its segment back from the sum of the segments after it.
+constexpr int kScanSegments = 32;
+
 template <typename scalar_t>
-__global__ void suffix_sum_kernel(int64_t B, int64_t T, int64_t C, bool reverse, const acc_t<scalar_t>* x,
-                                  const acc_t<scalar_t>* y, const scalar_t* __restrict__ d,
-                                  scalar_t* __restrict__ out) {
+__global__ void __launch_bounds__(32 * kScanSegments) suffix_sum_kernel(int64_t T, int64_t C, bool reverse,
+                                                                        const acc_t<scalar_t>* x,
+                                                                        const acc_t<scalar_t>* y,
+                                                                        const scalar_t* __restrict__ d,
+                                                                        scalar_t* __restrict__ out) {
   using A = acc_t<scalar_t>;
-  const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (idx >= B * C) return;
-  const int64_t b = idx / C, c = idx % C;
+  __shared__ double sums[kScanSegments][32];
+  const int lane = threadIdx.x % 32, segment = threadIdx.x / 32;
+  const int64_t groups = (C + 31) / 32, b = blockIdx.x / groups, c = blockIdx.x % groups * 32 + lane;
+  const int64_t length = (T + kScanSegments - 1) / kScanSegments, start = segment * length;
+  const int64_t end = start + length < T ? start + length : T;
+  auto at = [&](int64_t t) { return (b * T + (reverse ? T - 1 - t : t)) * C + c; };
   double acc = 0;
+  if (c < C) {
 #pragma unroll 8
-  for (int64_t t = T - 1; t >= 0; --t) {
-    const int64_t o = (b * T + (reverse ? T - 1 - t : t)) * C + c;
+    for (int64_t t = start; t < end; ++t) acc += double(x[at(t)]) + double(y[at(t)]);
+  }
+  sums[segment][lane] = acc;
+  __syncthreads();
+  acc = 0;
+  for (int later = segment + 1; later < kScanSegments; ++later) acc += sums[later][lane];
+  if (c >= C) return;
+#pragma unroll 8
+  for (int64_t t = end - 1; t >= start; --t) {
+    const int64_t o = at(t);
     acc += double(x[o]) + double(y[o]);
     out[o] = static_cast<scalar_t>(d ? A(acc) * -exp(A(d[o])) : A(acc));
   }
@@ -642,13 +660,11 @@ at::Tensor side(const char* op, const char* name, const at::Tensor& x, at::IntAr
 
 void launch_suffix_sum(const at::Tensor& x, const at::Tensor& y, const at::Tensor* d, at::Tensor& out, bool reverse) {
   const int64_t B = out.size(0), T = out.size(1), C = out.size(2) * out.size(3);
-  constexpr int kBlock = 128;
-  const int64_t blocks = (B * C + kBlock - 1) / kBlock;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "wkv suffix sum", [&] {
     using A = acc_t<scalar_t>;
-    suffix_sum_kernel<scalar_t><<<blocks, kBlock, 0, stream>>>(
-        B, T, C, reverse, x.data_ptr<A>(), y.data_ptr<A>(), d ? d->data_ptr<scalar_t>() : nullptr,
+    suffix_sum_kernel<scalar_t><<<B * ((C + 31) / 32), 32 * kScanSegments, 0, stream>>>(
+        T, C, reverse, x.data_ptr<A>(), y.data_ptr<A>(), d ? d->data_ptr<scalar_t>() : nullptr,
         out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
