@@ -499,7 +499,8 @@ __global__ void __launch_bounds__(kThreads<N>) wkv7_backward_columns_kernel(
                                                     const int64_t o = g.at(b, h, t) + j;
                                                     gr[o] = static_cast<scalar_t>(dr[m]);
                                                     ga[o] = static_cast<scalar_t>(da[m]);
-                                                    if (t > 0) shifted[g.at(b, h, t - 1) + j] = r_dr[m] + s[AA][j] * da[m];
+                                                    if (t > 0)
+                                                      shifted[g.at(b, h, t - 1) + j] = r_dr[m] + s[AA][j] * da[m];
                                                   }
                                                   r_dr[m] = s[R][j] * dr[m];
                                                 });
