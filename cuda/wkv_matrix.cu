@@ -44,13 +44,18 @@ constexpr int kChunk = 8;  // tokens staged per shared-memory round
 // Each thread holds a tile of a state: kRows consecutive rows, and of each row the elements in groups of 4 consecutive
 // ones, the groups dealt out over the row's kParts threads in turn (so that they read consecutive 16-byte words of a
 // shared vector together, free of bank conflicts); a step reads each shared vector element once for its kRows rows.
-// Head size 64: 2 x 2 was the fastest tile for WKV-7 and the WKV-6 backward of 1 x 2, 1 x 4, 2 x 2, 2 x 4, 4 x 4, 4 x 8
-// (BENCHMARKS.md, issue 9); other sizes keep about as many elements a thread (not measured).
+// Head size 64: of 1 x 2, 1 x 4, 2 x 2, 2 x 4, 4 x 4 and 4 x 8, 2 x 2 was the fastest tile for WKV-7 and the WKV-6
+// backward, 4 x 4 for the WKV-6 forward (BENCHMARKS.md, issue 9); other sizes keep about as many elements a thread
+// (not measured).
 constexpr int kRows = 2;
 template <int N>
 constexpr int kParts = N <= 64 ? 2 : 4;
 template <int N>
-constexpr int kThreads = N / kRows * kParts<N>;
+constexpr int kRows6 = N == 64 ? 4 : kRows;  // the WKV-6 forward's tile
+template <int N>
+constexpr int kParts6 = N == 64 ? 4 : kParts<N>;
+template <int N, int R = kRows, int P = kParts<N>>
+constexpr int kThreads = N / R * P;
 
 template <typename scalar_t>
 using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -65,13 +70,13 @@ struct Tokens {
   }
 };
 
-template <int N>
-struct Part {
-  static constexpr int L = N / kParts<N>, Q = L / 4;  // elements of each row held, groups of 4
-  static_assert(N % (4 * kParts<N>) == 0 && N % kRows == 0 && kThreads<N> % 32 == 0, "no tile for this size");
-  int row0, part;  // rows row0 .. row0 + kRows - 1
+template <int N, int R = kRows, int P = kParts<N>>
+struct Part {  // R rows a thread, P threads a row
+  static constexpr int L = N / P, Q = L / 4;  // elements of each row held, groups of 4
+  static_assert(N % (4 * P) == 0 && N % R == 0 && kThreads<N, R, P> % 32 == 0, "no tile for this size");
+  int row0, part;  // rows row0 .. row0 + R - 1
   __device__ __forceinline__ static Part self() {
-    return {int(threadIdx.x) / kParts<N> * kRows, int(threadIdx.x) % kParts<N>};
+    return {int(threadIdx.x) / P * R, int(threadIdx.x) % P};
   }
   // f(m, e, i) for each held element: row row0 + m, e its register index in the row, i its index in the row
   template <typename F>
@@ -81,26 +86,26 @@ struct Part {
 #pragma unroll
       for (int c = 0; c < 4; ++c)
 #pragma unroll
-        for (int m = 0; m < kRows; ++m) f(m, 4 * q + c, 4 * (part + kParts<N> * q) + c);
+        for (int m = 0; m < R; ++m) f(m, 4 * q + c, 4 * (part + P * q) + c);
   }
   // f(m) for each held row row0 + m
   template <typename F>
   __device__ __forceinline__ static void rows(F f) {
 #pragma unroll
-    for (int m = 0; m < kRows; ++m) f(m);
+    for (int m = 0; m < R; ++m) f(m);
   }
   // out[m] = x[row0 + m]
   template <typename A>
-  __device__ __forceinline__ void of_rows(const A* x, A (&out)[kRows]) const {
+  __device__ __forceinline__ void of_rows(const A* x, A (&out)[R]) const {
     rows([&](int m) { out[m] = x[row0 + m]; });
   }
-  // whether this thread, of the row's kParts, writes row row0 + m's outputs
-  __device__ __forceinline__ bool writes(int m) const { return m % kParts<N> == part; }
-  // x[m] summed over the kParts threads of each row (consecutive lanes of one warp)
+  // whether this thread, of the row's P, writes row row0 + m's outputs
+  __device__ __forceinline__ bool writes(int m) const { return m % P == part; }
+  // x[m] summed over the P threads of each row (consecutive lanes of one warp)
   template <typename A>
-  __device__ __forceinline__ static void sum(A (&x)[kRows]) {
+  __device__ __forceinline__ static void sum(A (&x)[R]) {
 #pragma unroll
-    for (int o = 1; o < kParts<N>; o <<= 1) rows([&](int m) { x[m] += __shfl_xor_sync(0xffffffffu, x[m], o); });
+    for (int o = 1; o < P; o <<= 1) rows([&](int m) { x[m] += __shfl_xor_sync(0xffffffffu, x[m], o); });
   }
 };
 
@@ -126,16 +131,17 @@ struct Vec {
 // Walks logical tokens 0..T-1 (or T-1..0 when backward), kChunk at a time. load(t, n, raw) starts this thread's loads
 // of elements n .. n + Raw::kWidth - 1 of token t (kept raw, so they stay in flight while the previous chunk is
 // processed); stage(raw, c, slots, n + c) writes the c-th of them to the token's shared vectors; step(t, slots, dot)
-// processes token t, where dot = sum_n slots[kDot][n] (kDot < 0: none). The kThreads threads share the chunk's
+// processes token t, where dot = sum_n slots[kDot][n] (kDot < 0: none). The kBlock threads share the chunk's
 // kChunk * N / kWidth pieces of kWidth elements.
-template <int N, int V, int kDot, typename A, typename Raw, typename Load, typename Stage, typename Step>
+template <int N, int V, int kDot, typename A, typename Raw, int kBlock = kThreads<N>, typename Load, typename Stage,
+          typename Step>
 __device__ __forceinline__ void walk(int64_t T, bool backward, A (*smem)[V][N], A* dots, Load load, Stage stage,
                                      Step step) {
-  constexpr int kWidth = Raw::kWidth, kPieces = N / kWidth, kPer = (kChunk * kPieces + kThreads<N> - 1) / kThreads<N>;
+  constexpr int kWidth = Raw::kWidth, kPieces = N / kWidth, kPer = (kChunk * kPieces + kBlock - 1) / kBlock;
   static_assert(N % kWidth == 0, "head size must be a multiple of the load width");
   const int64_t chunks = (T + kChunk - 1) / kChunk;
   auto token = [&](int64_t i) { return backward ? T - 1 - i : i; };
-  auto piece = [](int m) { return m * kThreads<N> + int(threadIdx.x); };  // this thread's m-th piece of a chunk
+  auto piece = [](int m) { return m * kBlock + int(threadIdx.x); };  // this thread's m-th piece of a chunk
   Raw raw[kPer];
   auto fetch = [&](int64_t c) {
 #pragma unroll
@@ -184,7 +190,7 @@ struct Wkv6Grad {
 };
 
 template <typename scalar_t, int N>
-__global__ void __launch_bounds__(kThreads<N>) wkv6_forward_kernel(
+__global__ void __launch_bounds__(kThreads<N, kRows6<N>, kParts6<N>>) wkv6_forward_kernel(
     Tokens<N> g, const scalar_t* __restrict__ r, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
     const scalar_t* __restrict__ d, const acc_t<scalar_t>* u, const acc_t<scalar_t>* s0, scalar_t* __restrict__ y,
     acc_t<scalar_t>* s_out) {
@@ -192,12 +198,14 @@ __global__ void __launch_bounds__(kThreads<N>) wkv6_forward_kernel(
   enum { R, K, W, V, RUK, kSlots };
   __shared__ __align__(16) A smem[kChunk][kSlots][N];
   __shared__ A dots[kChunk], us[N];
-  const auto p = Part<N>::self();  // rows: value channels j; elements: key channels i of S[:, j]
+  using Tile = Part<N, kRows6<N>, kParts6<N>>;
+  constexpr int kBlock = kThreads<N, kRows6<N>, kParts6<N>>;
+  const auto p = Tile::self();  // rows: value channels j; elements: key channels i of S[:, j]
   const int64_t b = blockIdx.x / g.H, h = blockIdx.x % g.H, head = blockIdx.x * int64_t(N * N);
-  for (int i = threadIdx.x; i < N; i += kThreads<N>) us[i] = u[h * N + i];  // read after walk's first barrier
-  A S[kRows][Part<N>::L];
+  for (int i = threadIdx.x; i < N; i += kBlock) us[i] = u[h * N + i];  // read after walk's first barrier
+  A S[kRows6<N>][Tile::L];
   p.each([&](int m, int e, int i) { S[m][e] = s0[head + i * N + p.row0 + m]; });
-  walk<N, kSlots, RUK, A, Wkv6Raw<scalar_t>>(
+  walk<N, kSlots, RUK, A, Wkv6Raw<scalar_t>, kBlock>(
       g.T, false, smem, dots,
       [&](int64_t t, int n, Wkv6Raw<scalar_t>& x) {
         const int64_t o = g.at(b, h, t) + n;
@@ -211,13 +219,13 @@ __global__ void __launch_bounds__(kThreads<N>) wkv6_forward_kernel(
         s[RUK][n] = A(x.r[c]) * us[n] * A(x.k[c]);
       },
       [&](int64_t t, const A (*s)[N], A ruk) {
-        A vj[kRows], out[kRows] = {};
+        A vj[kRows6<N>], out[kRows6<N>] = {};
         p.of_rows(s[V], vj);
         p.each([&](int m, int e, int i) {
           out[m] += s[R][i] * S[m][e];
           S[m][e] = s[W][i] * S[m][e] + s[K][i] * vj[m];
         });
-        Part<N>::sum(out);
+        Tile::sum(out);
         p.rows([&](int m) {
           if (p.writes(m)) y[g.at(b, h, t) + p.row0 + m] = static_cast<scalar_t>(out[m] + vj[m] * ruk);
         });
@@ -686,7 +694,8 @@ std::tuple<at::Tensor, at::Tensor> wkv6_forward(const at::Tensor& r_, const at::
     using K = decltype(kernel);
     using scalar_t = typename K::scalar_t;
     using A = acc_t<scalar_t>;
-    wkv6_forward_kernel<scalar_t, K::N><<<B * H, kThreads<K::N>, 0, at::cuda::getCurrentCUDAStream()>>>(
+    constexpr int kBlock = kThreads<K::N, kRows6<K::N>, kParts6<K::N>>;
+    wkv6_forward_kernel<scalar_t, K::N><<<B * H, kBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
         Tokens<K::N>{T, H, reverse}, r.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         w.data_ptr<scalar_t>(), u.data_ptr<A>(), s0.data_ptr<A>(), y.data_ptr<scalar_t>(), s_out.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
