@@ -345,6 +345,22 @@ template <typename scalar_t>
 struct Wkv7Raw {
   static constexpr int kWidth = kLoadWidth<scalar_t>;
   Vec<scalar_t> r, lw, k, a, b, x;  // x: v (forward) or dy (backward rows)
+  // elements o .. o + kWidth - 1 of each
+  __device__ __forceinline__ static Wkv7Raw at(const scalar_t* r, const scalar_t* lw, const scalar_t* k,
+                                               const scalar_t* a, const scalar_t* b, const scalar_t* x, int64_t o) {
+    return {Vec<scalar_t>::at(r + o), Vec<scalar_t>::at(lw + o), Vec<scalar_t>::at(k + o),
+            Vec<scalar_t>::at(a + o), Vec<scalar_t>::at(b + o), Vec<scalar_t>::at(x + o)};
+  }
+  // the c-th elements into a token's shared vectors r, w = exp(log w), k, a, b, x (slots 0 to 5)
+  template <typename A, int N>
+  __device__ __forceinline__ void stage(int c, A (*s)[N], int n) const {
+    s[0][n] = A(r[c]);
+    s[1][n] = exp(A(lw[c]));
+    s[2][n] = A(k[c]);
+    s[3][n] = A(a[c]);
+    s[4][n] = A(b[c]);
+    s[5][n] = A(x[c]);
+  }
 };
 
 template <typename scalar_t, int N>
@@ -353,7 +369,7 @@ __global__ void __launch_bounds__(kThreads<N>) wkv7_forward_kernel(
     const scalar_t* __restrict__ v, const scalar_t* __restrict__ a, const scalar_t* __restrict__ bb,
     const acc_t<scalar_t>* s0, scalar_t* __restrict__ y, acc_t<scalar_t>* s_out, acc_t<scalar_t>* sa_out) {
   using A = acc_t<scalar_t>;
-  enum { R, W, K, AA, BB, V, kSlots };
+  enum { R, W, K, AA, BB, V, kSlots };  // Wkv7Raw::stage's order
   __shared__ __align__(16) A smem[kChunk][kSlots][N];
   const auto p = Part<N>::self();  // rows: value channels i; elements: key channels j of S[i, :]
   const int64_t b = blockIdx.x / g.H, h = blockIdx.x % g.H, head = blockIdx.x * int64_t(N * N);
@@ -362,18 +378,9 @@ __global__ void __launch_bounds__(kThreads<N>) wkv7_forward_kernel(
   walk<N, kSlots, -1, A, Wkv7Raw<scalar_t>>(
       g.T, false, smem, nullptr,
       [&](int64_t t, int n, Wkv7Raw<scalar_t>& x) {
-        const int64_t o = g.at(b, h, t) + n;
-        x = {Vec<scalar_t>::at(r + o), Vec<scalar_t>::at(lw + o), Vec<scalar_t>::at(k + o),
-             Vec<scalar_t>::at(a + o), Vec<scalar_t>::at(bb + o), Vec<scalar_t>::at(v + o)};
+        x = Wkv7Raw<scalar_t>::at(r, lw, k, a, bb, v, g.at(b, h, t) + n);
       },
-      [&](const Wkv7Raw<scalar_t>& x, int c, A (*s)[N], int n) {
-        s[R][n] = A(x.r[c]);
-        s[W][n] = exp(A(x.lw[c]));
-        s[K][n] = A(x.k[c]);
-        s[AA][n] = A(x.a[c]);
-        s[BB][n] = A(x.b[c]);
-        s[V][n] = A(x.x[c]);
-      },
+      [&](const Wkv7Raw<scalar_t>& x, int c, A (*s)[N], int n) { x.stage(c, s, n); },
       [&](int64_t t, const A (*s)[N], A) {
         A sa[kRows] = {}, vi[kRows], out[kRows] = {};
         p.each([&](int m, int e, int j) { sa[m] += S[m][e] * s[AA][j]; });
@@ -401,7 +408,7 @@ __global__ void __launch_bounds__(kThreads<N>) wkv7_backward_rows_kernel(
     const scalar_t* __restrict__ a, const scalar_t* __restrict__ bb, const scalar_t* __restrict__ gy,
     const acc_t<scalar_t>* gs_out, scalar_t* __restrict__ gv, acc_t<scalar_t>* dsa_out, acc_t<scalar_t>* gs0) {
   using A = acc_t<scalar_t>;
-  enum { R, W, K, AA, BB, DY, kSlots };
+  enum { R, W, K, AA, BB, DY, kSlots };  // Wkv7Raw::stage's order
   __shared__ __align__(16) A smem[kChunk][kSlots][N];
   const auto p = Part<N>::self();  // rows: value channels i
   const int64_t b = blockIdx.x / g.H, h = blockIdx.x % g.H, head = blockIdx.x * int64_t(N * N);
@@ -410,18 +417,9 @@ __global__ void __launch_bounds__(kThreads<N>) wkv7_backward_rows_kernel(
   walk<N, kSlots, -1, A, Wkv7Raw<scalar_t>>(
       g.T, true, smem, nullptr,
       [&](int64_t t, int n, Wkv7Raw<scalar_t>& x) {
-        const int64_t o = g.at(b, h, t) + n;
-        x = {Vec<scalar_t>::at(r + o), Vec<scalar_t>::at(lw + o), Vec<scalar_t>::at(k + o),
-             Vec<scalar_t>::at(a + o), Vec<scalar_t>::at(bb + o), Vec<scalar_t>::at(gy + o)};
+        x = Wkv7Raw<scalar_t>::at(r, lw, k, a, bb, gy, g.at(b, h, t) + n);
       },
-      [&](const Wkv7Raw<scalar_t>& x, int c, A (*s)[N], int n) {
-        s[R][n] = A(x.r[c]);
-        s[W][n] = exp(A(x.lw[c]));
-        s[K][n] = A(x.k[c]);
-        s[AA][n] = A(x.a[c]);
-        s[BB][n] = A(x.b[c]);
-        s[DY][n] = A(x.x[c]);
-      },
+      [&](const Wkv7Raw<scalar_t>& x, int c, A (*s)[N], int n) { x.stage(c, s, n); },
       [&](int64_t t, const A (*s)[N], A) {
         A dyi[kRows], dsa[kRows] = {}, dv[kRows] = {};
         p.of_rows(s[DY], dyi);
