@@ -113,32 +113,55 @@ struct Part {  // R rows a thread, P threads a row
 template <typename T>
 constexpr int kLoadWidth = 16 / sizeof(T);
 
-// K consecutive elements read with 16-byte loads from a 16-byte-aligned address.
+// K consecutive elements of T read with 16-byte loads from a 16-byte-aligned address. They are kept as the loaded
+// words and unpacked where an element is read, so that a prefetch stays in flight until its data is staged.
 template <typename T, int K = kLoadWidth<T>>
 struct Vec {
   static constexpr int kWords = K * sizeof(T) / 16;
   static_assert(kWords * 16 == K * sizeof(T), "a whole number of 16-byte words");
-  alignas(16) T x[K];
+  uint4 words[kWords];
   __device__ __forceinline__ static Vec at(const T* p) {
     Vec v;
 #pragma unroll
-    for (int w = 0; w < kWords; ++w) reinterpret_cast<uint4*>(v.x)[w] = __ldg(reinterpret_cast<const uint4*>(p) + w);
+    for (int w = 0; w < kWords; ++w) v.words[w] = __ldg(reinterpret_cast<const uint4*>(p) + w);
     return v;
   }
-  __device__ __forceinline__ T operator[](int c) const { return x[c]; }
+  __device__ __forceinline__ uint32_t bits(int i) const {  // the i-th 32 bits
+    const uint4& w = words[i / 4];
+    return i % 4 == 0 ? w.x : i % 4 == 1 ? w.y : i % 4 == 2 ? w.z : w.w;
+  }
+  __device__ __forceinline__ T operator[](int c) const {
+    if constexpr (std::is_same_v<T, double>) return __hiloint2double(bits(2 * c + 1), bits(2 * c));
+    else if constexpr (std::is_same_v<T, float>) return __uint_as_float(bits(c));
+    else return T(static_cast<uint16_t>(c % 2 ? bits(c / 2) >> 16 : bits(c / 2)), T::from_bits());  // Half, BFloat16
+  }
 };
+
+// x[0 .. K-1] to p (16-byte aligned) in 16-byte words.
+template <typename A, int K>
+__device__ __forceinline__ void store_words(A* p, const A (&x)[K]) {
+  if constexpr (std::is_same_v<A, double>) {
+#pragma unroll
+    for (int w = 0; w < K / 2; ++w) reinterpret_cast<double2*>(p)[w] = make_double2(x[2 * w], x[2 * w + 1]);
+  } else {
+#pragma unroll
+    for (int w = 0; w < K / 4; ++w)
+      reinterpret_cast<float4*>(p)[w] = make_float4(x[4 * w], x[4 * w + 1], x[4 * w + 2], x[4 * w + 3]);
+  }
+}
 
 // Walks logical tokens 0..T-1 (or T-1..0 when backward), kChunk at a time. load(t, n, raw) starts this thread's loads
 // of elements n .. n + Raw::kWidth - 1 of token t (kept raw, so they stay in flight while the previous chunk is
-// processed); stage(raw, c, slots, n + c) writes the c-th of them to the token's shared vectors; step(t, slots, dot)
-// processes token t, where dot = sum_n slots[kDot][n] (kDot < 0: none). The kBlock threads share the chunk's
-// kChunk * N / kWidth pieces of kWidth elements.
+// processed); stage(raw, c, n + c, slots) sets slots[v][c] to the c-th of them (channel n + c) in the token's shared
+// vector v, and walk stores the slots to shared memory in 16-byte words; step(t, vectors, dot) processes token t,
+// where dot = sum_n vectors[kDot][n] (kDot < 0: none). The kBlock threads share the chunk's kChunk * N / kWidth
+// pieces of kWidth elements.
 template <int N, int V, int kDot, typename A, typename Raw, int kBlock = kThreads<N>, typename Load, typename Stage,
           typename Step>
-__device__ __forceinline__ void walk(int64_t T, bool backward, A (*smem)[V][N], A* dots, Load load, Stage stage,
-                                     Step step) {
+__device__ __forceinline__ void walk(int64_t T, bool backward, A (*smem)[V][N], Load load, Stage stage, Step step) {
   constexpr int kWidth = Raw::kWidth, kPieces = N / kWidth, kPer = (kChunk * kPieces + kBlock - 1) / kBlock;
-  static_assert(N % kWidth == 0, "head size must be a multiple of the load width");
+  static_assert(N % kWidth == 0 && kWidth * sizeof(A) % 16 == 0, "whole pieces of 16-byte words");
+  __shared__ A partial[kChunk][kPieces], dots[kChunk];  // kDot's sums: each piece's, each token's
   const int64_t chunks = (T + kChunk - 1) / kChunk;
   auto token = [&](int64_t i) { return backward ? T - 1 - i : i; };
   auto piece = [](int m) { return m * kBlock + int(threadIdx.x); };  // this thread's m-th piece of a chunk
@@ -157,17 +180,28 @@ __device__ __forceinline__ void walk(int64_t T, bool backward, A (*smem)[V][N], 
 #pragma unroll
     for (int m = 0; m < kPer; ++m) {
       const int j = piece(m) / kPieces, n = piece(m) % kPieces * kWidth;
-      if (j < len)
+      if (j < len) {
+        A slots[V][kWidth];
 #pragma unroll
-        for (int e = 0; e < kWidth; ++e) stage(raw[m], e, smem[j], n + e);
+        for (int e = 0; e < kWidth; ++e) stage(raw[m], e, n + e, slots);
+#pragma unroll
+        for (int v = 0; v < V; ++v) store_words(&smem[j][v][n], slots[v]);
+        if constexpr (kDot >= 0) {
+          A sum = 0;
+#pragma unroll
+          for (int e = 0; e < kWidth; ++e) sum += slots[kDot][e];
+          partial[j][n / kWidth] = sum;
+        }
+      }
     }
     __syncthreads();
     if (c + 1 < chunks) fetch(c + 1);
     if constexpr (kDot >= 0) {
       if (threadIdx.x < len) {
-        A s = 0;
-        for (int i = 0; i < N; ++i) s += smem[threadIdx.x][kDot][i];
-        dots[threadIdx.x] = s;
+        A sum = 0;
+#pragma unroll
+        for (int i = 0; i < kPieces; ++i) sum += partial[threadIdx.x][i];
+        dots[threadIdx.x] = sum;
       }
       __syncthreads();
     }
@@ -197,7 +231,7 @@ __global__ void __launch_bounds__(kThreads<N, kRows6<N>, kParts6<N>>) wkv6_forwa
   using A = acc_t<scalar_t>;
   enum { R, K, W, V, RUK, kSlots };
   __shared__ __align__(16) A smem[kChunk][kSlots][N];
-  __shared__ A dots[kChunk], us[N];
+  __shared__ A us[N];
   using Tile = Part<N, kRows6<N>, kParts6<N>>;
   constexpr int kBlock = kThreads<N, kRows6<N>, kParts6<N>>;
   const auto p = Tile::self();  // rows: value channels j; elements: key channels i of S[:, j]
@@ -206,17 +240,17 @@ __global__ void __launch_bounds__(kThreads<N, kRows6<N>, kParts6<N>>) wkv6_forwa
   A S[kRows6<N>][Tile::L];
   p.each([&](int m, int e, int i) { S[m][e] = s0[head + i * N + p.row0 + m]; });
   walk<N, kSlots, RUK, A, Wkv6Raw<scalar_t>, kBlock>(
-      g.T, false, smem, dots,
+      g.T, false, smem,
       [&](int64_t t, int n, Wkv6Raw<scalar_t>& x) {
         const int64_t o = g.at(b, h, t) + n;
         x = {Vec<scalar_t>::at(r + o), Vec<scalar_t>::at(k + o), Vec<scalar_t>::at(d + o), Vec<scalar_t>::at(v + o)};
       },
-      [&](const Wkv6Raw<scalar_t>& x, int c, A (*s)[N], int n) {
-        s[R][n] = A(x.r[c]);
-        s[K][n] = A(x.k[c]);
-        s[W][n] = exp(-exp(A(x.d[c])));
-        s[V][n] = A(x.v[c]);
-        s[RUK][n] = A(x.r[c]) * us[n] * A(x.k[c]);
+      [&](const Wkv6Raw<scalar_t>& x, int c, int n, auto& s) {
+        s[R][c] = A(x.r[c]);
+        s[K][c] = A(x.k[c]);
+        s[W][c] = exp(-exp(A(x.d[c])));
+        s[V][c] = A(x.v[c]);
+        s[RUK][c] = A(x.r[c]) * us[n] * A(x.k[c]);
       },
       [&](int64_t t, const A (*s)[N], A ruk) {
         A vj[kRows6<N>], out[kRows6<N>] = {};
@@ -245,7 +279,7 @@ __global__ void __launch_bounds__(kThreads<N>) wkv6_backward_kernel(
   using A = acc_t<scalar_t>;
   enum { R, K, W, V, DY, P, kSlots };  // P: dy * v (rows), r * u * k (columns)
   __shared__ __align__(16) A smem[kChunk][kSlots][N];
-  __shared__ A dots[kChunk], us[N];
+  __shared__ A us[N];
   const int role = blockIdx.y;
   const auto p = Part<N>::self();  // rows: key channels i (roles 0, 1) or value channels j (role 2)
   const int64_t b = blockIdx.x / g.H, h = blockIdx.x % g.H, head = blockIdx.x * int64_t(N * N);
@@ -257,18 +291,18 @@ __global__ void __launch_bounds__(kThreads<N>) wkv6_backward_kernel(
     x = {Vec<scalar_t>::at(r + o), Vec<scalar_t>::at(k + o), Vec<scalar_t>::at(d + o), Vec<scalar_t>::at(v + o),
          Vec<scalar_t>::at(gy + o)};
   };
-  auto stage = [&](const Wkv6Grad<scalar_t>& x, int c, A (*s)[N], int n) {
-    s[R][n] = A(x.r[c]);
-    s[K][n] = A(x.k[c]);
-    s[W][n] = exp(-exp(A(x.d[c])));
-    s[V][n] = A(x.v[c]);
-    s[DY][n] = A(x.dy[c]);
-    s[P][n] = role == 2 ? A(x.r[c]) * us[n] * A(x.k[c]) : A(x.dy[c]) * A(x.v[c]);
+  auto stage = [&](const Wkv6Grad<scalar_t>& x, int c, int n, auto& s) {
+    s[R][c] = A(x.r[c]);
+    s[K][c] = A(x.k[c]);
+    s[W][c] = exp(-exp(A(x.d[c])));
+    s[V][c] = A(x.v[c]);
+    s[DY][c] = A(x.dy[c]);
+    s[P][c] = role == 2 ? A(x.r[c]) * us[n] * A(x.k[c]) : A(x.dy[c]) * A(x.v[c]);
   };
   A M[kRows][Part<N>::L];  // S or dS: parts of rows (roles 0, 1) or of columns (role 2) row0 .. row0 + kRows - 1
   if (role == 0) {
     p.each([&](int m, int e, int j) { M[m][e] = s0[head + (p.row0 + m) * N + j]; });
-    walk<N, kSlots, P, A, Wkv6Grad<scalar_t>>(g.T, false, smem, dots, load, stage,
+    walk<N, kSlots, P, A, Wkv6Grad<scalar_t>>(g.T, false, smem, load, stage,
                                              [&](int64_t t, const A (*s)[N], A dyv) {
                                                A wi[kRows], ki[kRows], drn[kRows] = {};
                                                p.of_rows(s[W], wi);
@@ -296,7 +330,7 @@ __global__ void __launch_bounds__(kThreads<N>) wkv6_backward_kernel(
       fin[m] += M[m][e] * s_out[head + (p.row0 + m) * N + j];
     });
     Part<N>::sum(fin);
-    walk<N, kSlots, P, A, Wkv6Grad<scalar_t>>(g.T, true, smem, dots, load, stage,
+    walk<N, kSlots, P, A, Wkv6Grad<scalar_t>>(g.T, true, smem, load, stage,
                                              [&](int64_t t, const A (*s)[N], A dyv) {
                                                A wi[kRows], ri[kRows], ki[kRows], dkn[kRows] = {};
                                                p.of_rows(s[W], wi);
@@ -321,7 +355,7 @@ __global__ void __launch_bounds__(kThreads<N>) wkv6_backward_kernel(
     });
   } else {
     p.each([&](int m, int e, int i) { M[m][e] = gs_out[head + i * N + p.row0 + m]; });
-    walk<N, kSlots, P, A, Wkv6Grad<scalar_t>>(g.T, true, smem, dots, load, stage,
+    walk<N, kSlots, P, A, Wkv6Grad<scalar_t>>(g.T, true, smem, load, stage,
                                              [&](int64_t t, const A (*s)[N], A ruk) {
                                                A dyj[kRows], dv[kRows] = {};
                                                p.of_rows(s[DY], dyj);
@@ -351,15 +385,15 @@ struct Wkv7Raw {
     return {Vec<scalar_t>::at(r + o), Vec<scalar_t>::at(lw + o), Vec<scalar_t>::at(k + o),
             Vec<scalar_t>::at(a + o), Vec<scalar_t>::at(b + o), Vec<scalar_t>::at(x + o)};
   }
-  // the c-th elements into a token's shared vectors r, w = exp(log w), k, a, b, x (slots 0 to 5)
-  template <typename A, int N>
-  __device__ __forceinline__ void stage(int c, A (*s)[N], int n) const {
-    s[0][n] = A(r[c]);
-    s[1][n] = exp(A(lw[c]));
-    s[2][n] = A(k[c]);
-    s[3][n] = A(a[c]);
-    s[4][n] = A(b[c]);
-    s[5][n] = A(x[c]);
+  // the c-th elements as slots of a token's shared vectors r, w = exp(log w), k, a, b, x (slots 0 to 5)
+  template <typename A, int W>
+  __device__ __forceinline__ void stage(int c, A (&s)[6][W]) const {
+    s[0][c] = A(r[c]);
+    s[1][c] = exp(A(lw[c]));
+    s[2][c] = A(k[c]);
+    s[3][c] = A(a[c]);
+    s[4][c] = A(b[c]);
+    s[5][c] = A(x[c]);
   }
 };
 
@@ -376,11 +410,11 @@ __global__ void __launch_bounds__(kThreads<N>) wkv7_forward_kernel(
   A S[kRows][Part<N>::L];
   p.each([&](int m, int e, int j) { S[m][e] = s0[head + (p.row0 + m) * N + j]; });
   walk<N, kSlots, -1, A, Wkv7Raw<scalar_t>>(
-      g.T, false, smem, nullptr,
+      g.T, false, smem,
       [&](int64_t t, int n, Wkv7Raw<scalar_t>& x) {
         x = Wkv7Raw<scalar_t>::at(r, lw, k, a, bb, v, g.at(b, h, t) + n);
       },
-      [&](const Wkv7Raw<scalar_t>& x, int c, A (*s)[N], int n) { x.stage(c, s, n); },
+      [&](const Wkv7Raw<scalar_t>& x, int c, int, auto& s) { x.stage(c, s); },
       [&](int64_t t, const A (*s)[N], A) {
         A sa[kRows] = {}, vi[kRows], out[kRows] = {};
         p.each([&](int m, int e, int j) { sa[m] += S[m][e] * s[AA][j]; });
@@ -415,11 +449,11 @@ __global__ void __launch_bounds__(kThreads<N>) wkv7_backward_rows_kernel(
   A dS[kRows][Part<N>::L];
   p.each([&](int m, int e, int j) { dS[m][e] = gs_out[head + (p.row0 + m) * N + j]; });
   walk<N, kSlots, -1, A, Wkv7Raw<scalar_t>>(
-      g.T, true, smem, nullptr,
+      g.T, true, smem,
       [&](int64_t t, int n, Wkv7Raw<scalar_t>& x) {
         x = Wkv7Raw<scalar_t>::at(r, lw, k, a, bb, gy, g.at(b, h, t) + n);
       },
-      [&](const Wkv7Raw<scalar_t>& x, int c, A (*s)[N], int n) { x.stage(c, s, n); },
+      [&](const Wkv7Raw<scalar_t>& x, int c, int, auto& s) { x.stage(c, s); },
       [&](int64_t t, const A (*s)[N], A) {
         A dyi[kRows], dsa[kRows] = {}, dv[kRows] = {};
         p.of_rows(s[DY], dyi);
@@ -470,22 +504,22 @@ __global__ void __launch_bounds__(kThreads<N>) wkv7_backward_columns_kernel(
          Vec<scalar_t>::at(gy + o), Vec<scalar_t>::at(r + o), Vec<scalar_t>::at(lw + o),
          Vec<scalar_t>::at(k + o),  Vec<scalar_t>::at(a + o), Vec<scalar_t>::at(bb + o)};
   };
-  auto stage = [&](const Wkv7Cols<scalar_t>& x, int c, A (*s)[N], int n) {
-    s[SA][n] = x.sa[c];
-    s[DSA][n] = x.dsa[c];
-    s[V][n] = A(x.v[c]);
-    s[DY][n] = A(x.dy[c]);
-    s[R][n] = A(x.r[c]);
-    s[W][n] = exp(A(x.lw[c]));
-    s[K][n] = A(x.k[c]);
-    s[AA][n] = A(x.a[c]);
-    s[BB][n] = A(x.b[c]);
+  auto stage = [&](const Wkv7Cols<scalar_t>& x, int c, int, auto& s) {
+    s[SA][c] = x.sa[c];
+    s[DSA][c] = x.dsa[c];
+    s[V][c] = A(x.v[c]);
+    s[DY][c] = A(x.dy[c]);
+    s[R][c] = A(x.r[c]);
+    s[W][c] = exp(A(x.lw[c]));
+    s[K][c] = A(x.k[c]);
+    s[AA][c] = A(x.a[c]);
+    s[BB][c] = A(x.b[c]);
   };
   A M[kRows][Part<N>::L];
   if (blockIdx.y == 0) {
     p.each([&](int m, int e, int i) { M[m][e] = s0[head + i * N + p.row0 + m]; });
     A r_dr[kRows] = {};  // r_{t-1} dr_{t-1}
-    walk<N, kSlots, -1, A, Wkv7Cols<scalar_t>>(g.T, false, smem, nullptr, load, stage,
+    walk<N, kSlots, -1, A, Wkv7Cols<scalar_t>>(g.T, false, smem, load, stage,
                                               [&](int64_t t, const A (*s)[N], A) {
                                                 A wj[kRows], kj[kRows], bj[kRows];
                                                 A da[kRows] = {}, dr[kRows] = {};
@@ -521,7 +555,7 @@ __global__ void __launch_bounds__(kThreads<N>) wkv7_backward_columns_kernel(
       fin[m] += M[m][e] * s_out[head + i * N + p.row0 + m];
     });
     Part<N>::sum(fin);
-    walk<N, kSlots, -1, A, Wkv7Cols<scalar_t>>(g.T, true, smem, nullptr, load, stage,
+    walk<N, kSlots, -1, A, Wkv7Cols<scalar_t>>(g.T, true, smem, load, stage,
                                               [&](int64_t t, const A (*s)[N], A) {
                                                 A rj[kRows], wj[kRows], aj[kRows];
                                                 A dk[kRows] = {}, db[kRows] = {};
