@@ -165,7 +165,7 @@ def tiny(dtype=torch.float32, seed=0, **overrides):
 @pytest.mark.parametrize("T, cuts", [(1, []), (2, [1]), (11, [4, 5]), (45, [1, 17, 33])])
 def test_parallel_chunked_and_rnn_modes_agree(dtype, tol, T, cuts):
     model = tiny(dtype)
-    idx = torch.randint(0, VOCAB, (2, T))
+    idx = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(T))
     with torch.no_grad():
         parallel, p_state = model(idx, return_state=True)
         chunked, c_state = chunked_logits(model, idx, cuts)
@@ -180,7 +180,7 @@ def test_state_has_a_constant_size_and_batch_on_dim_2():
     """The state of 1 token and of 300 has one shape; batch rows are independent and sit on dim 2 (zoo.generate and
     eval.scoring slice and concatenate states there); 400 RNN steps stay finite."""
     model = tiny()
-    idx = torch.randint(0, VOCAB, (2, 300))
+    idx = torch.randint(0, VOCAB, (2, 300), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         _, short = model(idx[:, :1], return_state=True)
         logits, long = model(idx, return_state=True)
@@ -199,7 +199,7 @@ def test_state_has_a_constant_size_and_batch_on_dim_2():
 @pytest.mark.parametrize("mode", [True, "selective"], ids=["full", "selective"])
 def test_gradients_flow_through_carried_state_and_checkpointing_keeps_them(mode):
     model = tiny()
-    idx = torch.randint(0, VOCAB, (2, 12))
+    idx = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
 
     def grads():
         model.zero_grad()
