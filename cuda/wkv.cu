@@ -179,6 +179,15 @@ __device__ __forceinline__ void store_pack(scalar_t* p, const T (&in)[V]) {
   *reinterpret_cast<Pack<scalar_t, V>*>(p) = pack;
 }
 
+// Asks L2 for the lines holding token offset o of each tensor (a hint: nothing waits on it), so that the loads of
+// the next register tile wait on L2, not DRAM. 16-bit inputs only: fp32 passes measured slower with it (BENCHMARKS.md,
+// issue 3).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+template <typename scalar_t, typename... Tensors>
+__device__ __forceinline__ void prefetch_token(int64_t o, const Tensors*... tensors) {
+  if constexpr (sizeof(scalar_t) == 2) (prefetch_l2(tensors + o), ...);
+}
+
 template <typename T>
 struct Term {
   T x, va, vb;  // a token's term e^x (va, vb)
@@ -202,16 +211,21 @@ struct ChunkThread {
 __device__ __forceinline__ int64_t thread_index() { return blockIdx.x * (int64_t)blockDim.x + threadIdx.x; }
 
 // Walks the register tiles of a chunk, last tile first: begin(tile, t0) sets up the tile that starts at token
-// t0, then forward(j, offset) runs for its tokens in order and backward(j, offset) in reverse. j < kSub is a
-// compile-time index once unrolled, so per-token arrays indexed by it stay in registers.
-template <typename Begin, typename Forward, typename Backward>
+// t0, ahead(offset) runs for the tokens of the tile walked next (a prefetch), then forward(j, offset) runs for
+// its tokens in order and backward(j, offset) in reverse. j < kSub is a compile-time index once unrolled, so
+// per-token arrays indexed by it stay in registers.
+template <typename Begin, typename Forward, typename Backward, typename Ahead>
 __device__ __forceinline__ void walk_tiles(const Layout& g, const ChunkThread& th, Begin begin, Forward forward,
-                                           Backward backward) {
+                                           Backward backward, Ahead ahead) {
   const int64_t base = th.token_offset(g), len = g.chunk_len(th.n);
   for (int64_t tile = (len - 1) / kSub; tile >= 0; --tile) {
     const int64_t t0 = tile * kSub;
     const int count = static_cast<int>(min(static_cast<int64_t>(kSub), len - t0));
     begin(tile, t0);
+    if (tile > 0) {
+#pragma unroll
+      for (int j = 0; j < kSub; ++j) ahead(base + (t0 - kSub + j) * g.C);
+    }
 #pragma unroll
     for (int j = 0; j < kSub; ++j) {
       if (j < count) forward(j, base + (t0 + j) * g.C);
@@ -496,7 +510,8 @@ __global__ void __launch_bounds__(kThreads, 2) causal_grad_output(
         }
         store_pack<scalar_t, V>(gk + o, gk_out);
         store_pack<scalar_t, V>(gv + o, gv_out);
-      });
+      },
+      [&](int64_t o) { prefetch_token<scalar_t>(o, k, v, gy); });
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     gw[th.chunk_index(g) + i] = gw_sum[i];
@@ -604,7 +619,8 @@ __global__ void __launch_bounds__(kThreads, 2) bi_output(
         }
         store_pack<scalar_t, V>(y + o, out);
         if (den != nullptr) store_pack<T, W * V>(den + W * o, words);
-      });
+      },
+      [&](int64_t o) { prefetch_token<scalar_t>(o, k, v); });
 }
 
 template <typename scalar_t, int V>
@@ -670,7 +686,8 @@ __global__ void __launch_bounds__(kThreads, 2) bi_grad_output(
         }
         store_pack<scalar_t, V>(gk + o, gk_out);
         store_pack<scalar_t, V>(gv + o, gv_out);
-      });
+      },
+      [&](int64_t o) { prefetch_token<scalar_t>(o, k, v, terms.gy, terms.y); });
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     gw[th.chunk_index(g) + i] = -gstep[i];
