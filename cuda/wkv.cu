@@ -179,10 +179,11 @@ __device__ __forceinline__ void store_pack(scalar_t* p, const T (&in)[V]) {
   *reinterpret_cast<Pack<scalar_t, V>*>(p) = pack;
 }
 
-// Asks L2 for the lines holding token offset o of each tensor (a hint: nothing waits on it), so that the loads of
-// the next register tile wait on L2, not DRAM. 16-bit inputs only: fp32 passes measured slower with it (BENCHMARKS.md,
-// issue 3).
+// Asks L2 for the line holding p: a hint, nothing waits on it.
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+// Prefetches token offset o of each tensor, so that the loads of the next register tile wait on L2, not DRAM.
+// 16-bit inputs only: the fp32 passes measured slower with it (BENCHMARKS.md, issue 3).
 template <typename scalar_t, typename... Tensors>
 __device__ __forceinline__ void prefetch_token(int64_t o, const Tensors*... tensors) {
   if constexpr (sizeof(scalar_t) == 2) (prefetch_l2(tensors + o), ...);
