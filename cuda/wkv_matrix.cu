@@ -300,6 +300,15 @@ __global__ void __launch_bounds__(kThreads<N>) wkv6_backward_kernel(
     s[P][c] = role == 2 ? A(x.r[c]) * us[n] * A(x.k[c]) : A(x.dy[c]) * A(x.v[c]);
   };
   A M[kRows][Part<N>::L];  // S or dS: parts of rows (roles 0, 1) or of columns (role 2) row0 .. row0 + kRows - 1
+  // Roles 0 and 1, a token: out = S s[read] (each row), then S <- diag(w) S + x s[add]^T.
+  auto row_step = [&](A (&S)[kRows][Part<N>::L], const A (*s)[N], int read, int add, const A (&w)[kRows],
+                      const A (&x)[kRows], A (&out)[kRows]) {
+    p.each([&](int m, int e, int j) {
+      out[m] += S[m][e] * s[read][j];
+      S[m][e] = w[m] * S[m][e] + x[m] * s[add][j];
+    });
+    Part<N>::sum(out);
+  };
   if (role == 0) {
     p.each([&](int m, int e, int j) { M[m][e] = s0[head + (p.row0 + m) * N + j]; });
     walk<N, kSlots, P, A, Wkv6Grad<scalar_t>>(g.T, false, smem, load, stage,
@@ -307,11 +316,7 @@ __global__ void __launch_bounds__(kThreads<N>) wkv6_backward_kernel(
                                                A wi[kRows], ki[kRows], drn[kRows] = {};
                                                p.of_rows(s[W], wi);
                                                p.of_rows(s[K], ki);
-                                               p.each([&](int m, int e, int j) {
-                                                 drn[m] += M[m][e] * s[DY][j];
-                                                 M[m][e] = wi[m] * M[m][e] + ki[m] * s[V][j];
-                                               });
-                                               Part<N>::sum(drn);
+                                               row_step(M, s, DY, V, wi, ki, drn);
                                                p.rows([&](int m) {
                                                  if (!p.writes(m)) return;
                                                  const int64_t o = g.at(b, h, t) + p.row0 + m;
@@ -336,11 +341,7 @@ __global__ void __launch_bounds__(kThreads<N>) wkv6_backward_kernel(
                                                p.of_rows(s[W], wi);
                                                p.of_rows(s[R], ri);
                                                p.of_rows(s[K], ki);
-                                               p.each([&](int m, int e, int j) {
-                                                 dkn[m] += M[m][e] * s[V][j];
-                                                 M[m][e] = wi[m] * M[m][e] + ri[m] * s[DY][j];
-                                               });
-                                               Part<N>::sum(dkn);
+                                               row_step(M, s, V, DY, wi, ri, dkn);
                                                p.rows([&](int m) {
                                                  du[m] += ri[m] * ki[m] * dyv;
                                                  if (!p.writes(m)) return;
