@@ -77,7 +77,6 @@ def biwkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor) -> Tensor:
     _check(w, u, k, v, op="biwkv")
     if wkv_cuda.serves(k, v):
         _log_path("biwkv", "cuda-kernel", k.device)
-        keep_den = torch.is_grad_enabled() and any(x.requires_grad for x in (w, u, k, v))
-        return torch.ops.zoo.biwkv_forward(w, u, k, v, keep_den)[0]
+        return torch.ops.zoo.biwkv_forward(w, u, k, v, wkv_cuda.keeps_for_backward(w, u, k, v))[0]
     _log_path("biwkv", "torch-parallel", k.device)
     return biwkv_parallel(w, u, k, v)

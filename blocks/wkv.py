@@ -186,7 +186,8 @@ def wkv4(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKV4State | None = N
         _log_path("wkv4", "cuda-kernel", k.device)
         if state is None:
             state = wkv4_init_state(k.shape[0], k.shape[2], k.device)
-        y, aa, bb, pp = torch.ops.zoo.wkv4_forward(w, u, k, v, *state)
+        y, aa, bb, pp, _ = torch.ops.zoo.wkv4_forward(w, u, k, v, *state,
+                                                      wkv_cuda.keeps_for_backward(w, u, k, v, *state))
         return y, (aa, bb, pp)
     if k.shape[1] == 1:
         _log_path("wkv4", "torch-step", k.device)

@@ -157,8 +157,7 @@ def wkv7(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
         _log_path("wkv7", "cuda-kernel", k.device)
         init = k.new_zeros(B, H, N, N, dtype=_compute_dtype(k)) if state is None else state
         # the backward needs S_{t-1} a_t of every token, kept only when a gradient may be asked for
-        keep_sa = torch.is_grad_enabled() and any(x.requires_grad for x in (*inputs, init))
-        y, new_state, _ = torch.ops.zoo.wkv7_forward(*inputs, init, keep_sa)
+        y, new_state, _ = torch.ops.zoo.wkv7_forward(*inputs, init, wkv_cuda.keeps_for_backward(*inputs, init))
         return y, new_state
     if T == 1:
         _log_path("wkv7", "torch-step", k.device)

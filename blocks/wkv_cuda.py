@@ -65,17 +65,27 @@ def _build(ext: _Extension) -> None:
     ext.register()
 
 
+def _kept_nothing(op: str, flag: str = "keep_den") -> RuntimeError:
+    return RuntimeError(f"zoo::{op} ran with {flag}=False, which keeps nothing for a backward")
+
+
 def _register_wkv_rules() -> None:
     """Fake (meta) implementations, for torch.compile, and autograd rules pairing each forward with its backward."""
     from .wkv import _compute_dtype  # the kernels' arithmetic dtype: float64 for float64 inputs, else float32
 
+    def kept_den(k, keep_den):
+        """The denominators a forward keeps for its backward: (exponent, scaled denominator) pairs for 32- and
+        64-bit inputs, the log for 16-bit ones (kDenWords in cuda/wkv.cu); nothing without keep_den."""
+        words = 2 if k.element_size() >= 4 else 1
+        return torch.empty((*k.shape, words) if keep_den else (0,), dtype=_compute_dtype(k), device=k.device)
+
     @torch.library.register_fake("zoo::wkv4_forward")
-    def _(w, u, k, v, aa, bb, pp):
+    def _(w, u, k, v, aa, bb, pp, keep_den):
         state = torch.empty(aa.shape, dtype=_compute_dtype(k), device=k.device)
-        return torch.empty_like(k), state, torch.empty_like(state), torch.empty_like(state)
+        return torch.empty_like(k), state, torch.empty_like(state), torch.empty_like(state), kept_den(k, keep_den)
 
     @torch.library.register_fake("zoo::wkv4_backward")
-    def _(w, u, k, v, aa, bb, pp, pp_out, gy, gaa, gbb):
+    def _(w, u, k, v, aa, bb, pp, pp_out, y, den, gy, gaa, gbb):
         wu = torch.empty(w.shape, dtype=_compute_dtype(k), device=k.device)
         state = torch.empty(aa.shape, dtype=_compute_dtype(k), device=k.device)
         return (wu, torch.empty_like(wu), torch.empty_like(k), torch.empty_like(v), state, torch.empty_like(state),
@@ -83,26 +93,35 @@ def _register_wkv_rules() -> None:
 
     @torch.library.register_fake("zoo::biwkv_forward")
     def _(w, u, k, v, keep_den):
-        words = 2 if k.element_size() >= 4 else 1  # (exponent, scaled denominator) pairs, or the log (cuda/wkv.cu)
-        den_shape = (*k.shape, words) if keep_den else (0,)
-        return torch.empty_like(k), torch.empty(den_shape, dtype=_compute_dtype(k), device=k.device)
+        return torch.empty_like(k), kept_den(k, keep_den)
 
     @torch.library.register_fake("zoo::biwkv_backward")
     def _(w, u, k, v, y, den, gy):
         wu = torch.empty(w.shape, dtype=_compute_dtype(k), device=k.device)
         return wu, torch.empty_like(wu), torch.empty_like(k), torch.empty_like(v)
 
-    def wkv4_setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs, output[3])
 
-    def wkv4_backward(ctx, gy, gaa, gbb, gpp):
-        """gpp is not used: pp is a normalisation (see wkv4_backward in cuda/wkv.cu)."""
-        w, u, k, v, aa, bb, pp, pp_out = ctx.saved_tensors
+    def wkv4_setup(ctx, inputs, output):
+        ctx.keep_den = inputs[7]
+        ctx.set_materialize_grads(False)  # no zero gradient for den (see biwkv_setup)
+        y, _, _, pp_out, den = output
+        ctx.save_for_backward(*inputs[:7], pp_out, y, den)
+
+    def wkv4_backward(ctx, gy, gaa, gbb, _gpp, _gden):
+        """pp is a normalisation (see wkv4_backward in cuda/wkv.cu) and den is kept by the forward for this
+        backward: neither has a gradient of its own."""
+        if not ctx.keep_den:
+            raise _kept_nothing("wkv4_forward")
+        w, u, k, v, aa, bb, pp, pp_out, y, den = ctx.saved_tensors
+        if gy is None and gaa is None and gbb is None:
+            return (None,) * 8
         gy = torch.zeros_like(k) if gy is None else gy.to(k.dtype)
         gaa = torch.zeros_like(aa) if gaa is None else gaa
         gbb = torch.zeros_like(bb) if gbb is None else gbb
-        gw, gu, gk, gv, g_aa, g_bb, g_pp = torch.ops.zoo.wkv4_backward(w, u, k, v, aa, bb, pp, pp_out, gy, gaa, gbb)
-        return (gw.to(w.dtype), gu.to(u.dtype), gk, gv, g_aa.to(aa.dtype), g_bb.to(bb.dtype), g_pp.to(pp.dtype))
+        gw, gu, gk, gv, g_aa, g_bb, g_pp = torch.ops.zoo.wkv4_backward(w, u, k, v, aa, bb, pp, pp_out, y, den, gy,
+                                                                       gaa, gbb)
+        return (gw.to(w.dtype), gu.to(u.dtype), gk, gv, g_aa.to(aa.dtype), g_bb.to(bb.dtype), g_pp.to(pp.dtype),
+                None)
 
     def biwkv_setup(ctx, inputs, output):
         ctx.keep_den = inputs[4]
@@ -112,7 +131,7 @@ def _register_wkv_rules() -> None:
     def biwkv_backward(ctx, gy, _gden):
         """The denominators are kept by the forward for this backward and have no gradient of their own."""
         if not ctx.keep_den:
-            raise RuntimeError("zoo::biwkv_forward ran with keep_den=False, which keeps nothing for a backward")
+            raise _kept_nothing("biwkv_forward")
         w, u, k, v, y, den = ctx.saved_tensors
         if gy is None:
             return None, None, None, None, None
@@ -168,7 +187,7 @@ def _register_matrix_rules() -> None:
     def wkv7_backward(ctx, gy, gstate, _gsa):
         """sa (S_{t-1} a_t, kept by the forward for this backward) has no gradient of its own."""
         if not ctx.keep_sa:
-            raise RuntimeError("zoo::wkv7_forward ran with keep_sa=False, which keeps nothing for a backward")
+            raise _kept_nothing("wkv7_forward", "keep_sa")
         r, log_w, k, v, a, b, state, state_out, sa = ctx.saved_tensors
         gy = torch.zeros_like(v) if gy is None else gy.to(v.dtype)
         gstate = torch.zeros_like(state_out) if gstate is None else gstate
@@ -218,6 +237,11 @@ def serves(*tokens: torch.Tensor, extension: str = "wkv") -> bool:
     first = tokens[0]
     return (first.is_cuda and first.dtype in KERNEL_DTYPES and all(x.dtype == first.dtype for x in tokens)
             and available(extension))
+
+
+def keeps_for_backward(*inputs: torch.Tensor) -> bool:
+    """Whether a forward op should keep what its backward reads (keep_den, keep_sa): autograd will differentiate it."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
 
 
 _refused: set[tuple[str, int, torch.dtype]] = set()

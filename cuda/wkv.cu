@@ -12,7 +12,7 @@
 // which the gradient of w needs. Sums over consecutive chunks combine exactly (Decayed::then), so each
 // direction takes three kinds of launch:
 //   summaries: each chunk's sums from an empty start (one thread per batch, chunk, channel);
-//   scans:     the sums entering every chunk, from the left or the right (one thread per batch, channel);
+//   scans:     the sums entering every chunk, from the left or the right (warps per batch, channel);
 //   outputs:   each chunk replays its tokens from its entering sums (the causal forward's output threads
 //              combine the summaries before their chunk themselves where rows have few chunks, sparing the
 //              scan's launch). A pass that needs sums from both sides walks register tiles of kSub tokens,
@@ -20,7 +20,9 @@
 //              backward through it.
 // Gradients are the same sums run the other way. With alpha_t = dL/dwkv_t / den_t and beta_t = -alpha_t wkv_t,
 // the causal case has dL/dv_i = e^{k_i} sum_{t>i} e^{(t-1-i)w} alpha_t plus the bonus term; alpha_t carries
-// e^{-P_t}, P_t the largest exponent in den_t, and k_i + (t-1-i)w <= P_t keeps every product <= 1.
+// e^{-P_t}, P_t the largest exponent in den_t, and k_i + (t-1-i)w <= P_t keeps every product <= 1. A forward
+// run for a backward (keep_den) keeps every den_t, so the backward's terms need no forward state: the causal
+// backward walks each chunk once, right to left, and only Bi-WKV's passes walk register tiles.
 // Inputs are fp32, bf16 or fp16 (fp32 arithmetic) or fp64 (fp64 arithmetic, for gradcheck). Any B, T, C >= 1.
 
 #include <ATen/ATen.h>
@@ -194,6 +196,42 @@ struct Term {
   T x, va, vb;  // a token's term e^x (va, vb)
 };
 
+// Each token's denominator den_t, kept by a forward for its backward, where alpha_t = dL/dwkv_t / den_t: for
+// fp32/fp64 inputs as the pair (p_t, d_t), den_t = e^{p_t} d_t, so that the backward's term exponent -p_t is an
+// exact float (log den_t rounded to fp32, at |log den_t| ~ 20, would put every term off by 1e-6, and the signed
+// sums of the gradients amplify that); for 16-bit inputs, whose gradients need 1e-2, as log den_t in fp32, half
+// the bytes, taken with the fast __logf, whose error (a few units in the last place) is far below that.
+template <typename scalar_t>
+constexpr int kDenWords = sizeof(scalar_t) >= 4 ? 2 : 1;
+
+template <typename scalar_t, typename T>
+__device__ __forceinline__ void den_words(T p, T d, T* words) {
+  if constexpr (kDenWords<scalar_t> == 2) {
+    words[0] = p, words[1] = d;
+  } else {
+    words[0] = p + __logf(d);
+  }
+}
+
+template <typename scalar_t>
+struct GradTerms {  // backward terms: (g_t, -g_t y_t) / den_t
+  const scalar_t *gy, *y;
+  const acc_t<scalar_t>* den;
+  template <int V>
+  __device__ __forceinline__ void load(int64_t o, Term<acc_t<scalar_t>> (&out)[V]) const {
+    constexpr int W = kDenWords<scalar_t>;
+    acc_t<scalar_t> gt[V], yt[V], words[W * V];
+    load_pack<scalar_t, V>(gy + o, gt);
+    load_pack<scalar_t, V>(y + o, yt);
+    load_pack<acc_t<scalar_t>, W * V>(den + W * o, words);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const acc_t<scalar_t> scale = W == 2 ? 1 / words[W * i + 1] : 1;
+      out[i] = {-words[W * i], gt[i] * scale, -gt[i] * yt[i] * scale};
+    }
+  }
+};
+
 // Thread idx of a (batch, chunk, channel group) launch: ((b * N) + n) * (C / V) + group.
 struct ChunkThread {
   int64_t b, n, c0;
@@ -311,12 +349,12 @@ __global__ void chunk_scan(Layout g, const T* __restrict__ w, int warps_per_row,
   if (first < last && last == g.N && finish.a != nullptr) finish.template store<kDistance>(row, s);
 }
 
-// Per chunk, from an empty start, for token terms e^{x_t} (va_t, vb_t): the sum pushed left to right (stored
-// at every tile start and at the end) and the sum seen from the chunk's left edge, token t at distance t.
-// terms.load(o, out) gives the terms of V channels of the token at offset o.
-template <typename T, bool kDistance, int V, typename Terms>
-__global__ void two_way_summary(Layout g, const T* __restrict__ w, Terms terms, DecayedArray<T> from_left,
-                                DecayedArray<T> from_right, DecayedArray<T> tile_starts) {
+// Per chunk, from an empty start, for token terms e^{x_t} (va_t, vb_t): the sum seen from the chunk's left edge,
+// token t at distance t, and with kTwoWay the sum pushed left to right (stored at every tile start and at the
+// end). terms.load(o, out) gives the terms of V channels of the token at offset o.
+template <typename T, bool kDistance, bool kTwoWay, int V, typename Terms>
+__global__ void chunk_summary(Layout g, const T* __restrict__ w, Terms terms, DecayedArray<T> from_left,
+                              DecayedArray<T> from_right, DecayedArray<T> tile_starts) {
   const int64_t idx = thread_index();
   if (idx >= g.B * g.N * (g.C / V)) return;
   const ChunkThread th = ChunkThread::of<V>(g, idx);
@@ -324,20 +362,22 @@ __global__ void two_way_summary(Layout g, const T* __restrict__ w, Terms terms, 
   Decayed<T> left[V], right[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) left[i] = right[i] = Decayed<T>::empty(w[th.c0 + i]);
-#pragma unroll 4  // more loads in flight: 5% faster here (and 12% slower in the causal passes)
+#pragma unroll(kTwoWay ? 4 : 1)  // more loads in flight: 5% faster two-way, slower one-way (BENCHMARKS.md)
   for (int64_t t = 0, len = g.chunk_len(th.n); t < len; ++t) {
     Term<T> term[V];
     terms.load(base + t * g.C, term);
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      if (t % kSub == 0) tile_starts.template store<kDistance>(th.tile_index(g, t / kSub) + i, left[i]);
-      left[i].push(term[i].x, term[i].va, term[i].vb);
+      if constexpr (kTwoWay) {
+        if (t % kSub == 0) tile_starts.template store<kDistance>(th.tile_index(g, t / kSub) + i, left[i]);
+        left[i].push(term[i].x, term[i].va, term[i].vb);
+      }
       right[i].add(term[i].x, static_cast<T>(t), term[i].va, term[i].vb);
     }
   }
 #pragma unroll
   for (int i = 0; i < V; ++i) {
-    from_left.template store<kDistance>(th.chunk_index(g) + i, left[i]);
+    if constexpr (kTwoWay) from_left.template store<kDistance>(th.chunk_index(g) + i, left[i]);
     from_right.template store<kDistance>(th.chunk_index(g) + i, right[i]);
   }
 }
@@ -367,14 +407,16 @@ __global__ void causal_summary(Layout g, const acc_t<scalar_t>* __restrict__ w, 
   for (int i = 0; i < V; ++i) summaries.template store<false>(th.chunk_index(g) + i, s[i]);
 }
 
-// Each chunk's outputs from the state entering it: with kOwnScan, the thread combines the summaries of the chunks
-// before its own from the row's start (which spares the scan's launch where rows have few chunks) and the last
-// chunk's thread stores the state after the last token; else `sums` holds the entering states.
-template <typename scalar_t, int V, bool kOwnScan>
+// Each chunk's outputs (and with kKeepDen their denominators) from the state entering it: with kOwnScan, the
+// thread combines the summaries of the chunks before its own from the row's start (which spares the scan's launch
+// where rows have few chunks) and the last chunk's thread stores the state after the last token; else `sums` holds
+// the entering states.
+template <typename scalar_t, int V, bool kOwnScan, bool kKeepDen>
 __global__ void causal_output(Layout g, const acc_t<scalar_t>* __restrict__ w, const acc_t<scalar_t>* __restrict__ u,
                               const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
                               DecayedArray<acc_t<scalar_t>> sums, DecayedArray<acc_t<scalar_t>> start,
-                              DecayedArray<acc_t<scalar_t>> finish, scalar_t* __restrict__ y) {
+                              DecayedArray<acc_t<scalar_t>> finish, scalar_t* __restrict__ y,
+                              acc_t<scalar_t>* __restrict__ den) {
   using T = acc_t<scalar_t>;
   const int64_t idx = thread_index();
   if (idx >= g.B * g.N * (g.C / V)) return;
@@ -396,15 +438,20 @@ __global__ void causal_output(Layout g, const acc_t<scalar_t>* __restrict__ w, c
     }
   }
   for (int64_t t = 0, len = g.chunk_len(th.n); t < len; ++t) {
-    T kt[V], vt[V], out[V];
-    load_pack<scalar_t, V>(k + base + t * g.C, kt);
-    load_pack<scalar_t, V>(v + base + t * g.C, vt);
+    constexpr int W = kDenWords<scalar_t>;
+    const int64_t o = base + t * g.C;
+    T kt[V], vt[V], out[V], words[W * V];
+    load_pack<scalar_t, V>(k + o, kt);
+    load_pack<scalar_t, V>(v + o, vt);
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      out[i] = emit(s[i], uc[i] + kt[i], vt[i]).y;
+      const Emitted<T> e = emit(s[i], uc[i] + kt[i], vt[i]);
+      out[i] = e.y;
+      if constexpr (kKeepDen) den_words<scalar_t>(e.p, e.den, words + W * i);
       s[i].push(kt[i], vt[i], T(1));
     }
-    store_pack<scalar_t, V>(y + base + t * g.C, out);
+    store_pack<scalar_t, V>(y + o, out);
+    if constexpr (kKeepDen) store_pack<T, W * V>(den + W * o, words);
   }
   if (kOwnScan && th.n == g.N - 1) {
 #pragma unroll
@@ -414,105 +461,65 @@ __global__ void causal_output(Layout g, const acc_t<scalar_t>* __restrict__ w, c
 
 // ---------------------------------------------------------------------------------------------------------
 // Causal backward. R_i = sum_{t>i} e^{(t-1-i)w} (alpha_t, beta_t), plus the final state's gradient as the
-// terms of a token T; dL/dk_i and dL/dv_i read e^{k_i} R_i, dL/dw reads the distance-weighted sums.
+// terms of a token T; dL/dk_i and dL/dv_i read e^{k_i} R_i, dL/dw reads the distance-weighted sums. The forward
+// keeps each token's denominator, so the terms alpha_t, beta_t come from dL/dwkv_t, wkv_t and den_t alone
+// (GradTerms): each chunk's sum of them (chunk_summary), a scan from the right, then this pass.
 
-// Replays each chunk from its entering state: stores the state at every tile start and the chunk's
-// (alpha, beta) summed from its left edge.
+// Token t's gradients from r, the sum of the terms after it, and its own term e^x (va, vb) = e^{-p_t}
+// (alpha_t, beta_t); r then takes that term.
+template <typename T>
+struct RightGrads {
+  T gk, gv, gstep, gbonus;  // dL/dk_t, dL/dv_t, the distance-weighted part of dL/dstep, dL/du's term
+};
+
+template <typename T>
+__device__ __forceinline__ RightGrads<T> right_step(Decayed<T>& r, T k, T v, T u, const Term<T>& term) {
+  const T later = exp(k + r.scale()), bonus = exp(u + k + term.x);
+  const T grad_bonus = bonus * (term.va * v + term.vb);
+  const RightGrads<T> out{later * (v * r.a + r.b) + grad_bonus, later * r.a + bonus * term.va,
+                          later * (v * r.da + r.db), grad_bonus};
+  r.push(term.x, term.va, term.vb);
+  return out;
+}
+
+// Each chunk's gradients, walking its tokens right to left from the sums entering from the right.
 template <typename scalar_t, int V>
-__global__ void causal_grad_summary(Layout g, const acc_t<scalar_t>* __restrict__ w,
-                                    const acc_t<scalar_t>* __restrict__ u, const scalar_t* __restrict__ k,
-                                    const scalar_t* __restrict__ v, const scalar_t* __restrict__ gy,
-                                    DecayedArray<acc_t<scalar_t>> entering, DecayedArray<acc_t<scalar_t>> tile_starts,
-                                    DecayedArray<acc_t<scalar_t>> from_right) {
+__global__ void causal_grad_output(Layout g, const acc_t<scalar_t>* __restrict__ w,
+                                   const acc_t<scalar_t>* __restrict__ u, const scalar_t* __restrict__ k,
+                                   const scalar_t* __restrict__ v, GradTerms<scalar_t> terms,
+                                   DecayedArray<acc_t<scalar_t>> entering_right, scalar_t* __restrict__ gk,
+                                   scalar_t* __restrict__ gv, acc_t<scalar_t>* __restrict__ gw,
+                                   acc_t<scalar_t>* __restrict__ gu) {
   using T = acc_t<scalar_t>;
   const int64_t idx = thread_index();
   if (idx >= g.B * g.N * (g.C / V)) return;
   const ChunkThread th = ChunkThread::of<V>(g, idx);
   const int64_t base = th.token_offset(g);
-  T uc[V];
-  Decayed<T> s[V], grad[V];
-#pragma unroll
-  for (int i = 0; i < V; ++i) {
-    uc[i] = u[th.c0 + i];
-    s[i] = entering.template load<false>(th.chunk_index(g) + i, w[th.c0 + i]);
-    grad[i] = Decayed<T>::empty(w[th.c0 + i]);
-  }
-  for (int64_t t = 0, len = g.chunk_len(th.n); t < len; ++t) {
-    T kt[V], vt[V], gt[V];
-    load_pack<scalar_t, V>(k + base + t * g.C, kt);
-    load_pack<scalar_t, V>(v + base + t * g.C, vt);
-    load_pack<scalar_t, V>(gy + base + t * g.C, gt);
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      if (t % kSub == 0) tile_starts.template store<false>(th.tile_index(g, t / kSub) + i, s[i]);
-      const Emitted<T> e = emit(s[i], uc[i] + kt[i], vt[i]);
-      const T alpha = gt[i] / e.den;
-      grad[i].add(-e.p, static_cast<T>(t), alpha, -alpha * e.y);
-      s[i].push(kt[i], vt[i], T(1));
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < V; ++i) from_right.template store<true>(th.chunk_index(g) + i, grad[i]);
-}
-
-template <typename scalar_t, int V>
-__global__ void __launch_bounds__(kThreads, 2) causal_grad_output(
-    Layout g, const acc_t<scalar_t>* __restrict__ w, const acc_t<scalar_t>* __restrict__ u,
-    const scalar_t* __restrict__ k, const scalar_t* __restrict__ v, const scalar_t* __restrict__ gy,
-    DecayedArray<acc_t<scalar_t>> tile_starts, DecayedArray<acc_t<scalar_t>> entering_right,
-    scalar_t* __restrict__ gk, scalar_t* __restrict__ gv, acc_t<scalar_t>* __restrict__ gw,
-    acc_t<scalar_t>* __restrict__ gu) {
-  using T = acc_t<scalar_t>;
-  const int64_t idx = thread_index();
-  if (idx >= g.B * g.N * (g.C / V)) return;
-  const ChunkThread th = ChunkThread::of<V>(g, idx);
   T uc[V], gw_sum[V], gu_sum[V];
-  Decayed<T> s[V], r[V];
+  Decayed<T> r[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     uc[i] = u[th.c0 + i];
     r[i] = entering_right.template load<true>(th.chunk_index(g) + i, w[th.c0 + i]);
     gw_sum[i] = gu_sum[i] = T(0);
   }
-  T p[kSub][V], alpha[kSub][V], beta[kSub][V];
-  walk_tiles(
-      g, th,
-      [&](int64_t tile, int64_t) {
+  for (int64_t t = g.chunk_len(th.n) - 1; t >= 0; --t) {
+    const int64_t o = base + t * g.C;
+    T kt[V], vt[V], gk_out[V], gv_out[V];
+    Term<T> term[V];
+    load_pack<scalar_t, V>(k + o, kt);
+    load_pack<scalar_t, V>(v + o, vt);
+    terms.load(o, term);
 #pragma unroll
-        for (int i = 0; i < V; ++i) s[i] = tile_starts.template load<false>(th.tile_index(g, tile) + i, w[th.c0 + i]);
-      },
-      [&](int j, int64_t o) {
-        T kt[V], vt[V], gt[V];
-        load_pack<scalar_t, V>(k + o, kt);
-        load_pack<scalar_t, V>(v + o, vt);
-        load_pack<scalar_t, V>(gy + o, gt);
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          const Emitted<T> e = emit(s[i], uc[i] + kt[i], vt[i]);
-          p[j][i] = e.p;
-          alpha[j][i] = gt[i] / e.den;
-          beta[j][i] = -alpha[j][i] * e.y;
-          s[i].push(kt[i], vt[i], T(1));
-        }
-      },
-      [&](int j, int64_t o) {
-        T kt[V], vt[V], gk_out[V], gv_out[V];
-        load_pack<scalar_t, V>(k + o, kt);
-        load_pack<scalar_t, V>(v + o, vt);
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          const T bonus = exp(uc[i] + kt[i] - p[j][i]), later = exp(kt[i] + r[i].scale());
-          const T grad_bonus = bonus * (alpha[j][i] * vt[i] + beta[j][i]);
-          gv_out[i] = bonus * alpha[j][i] + later * r[i].a;
-          gk_out[i] = grad_bonus + later * (vt[i] * r[i].a + r[i].b);
-          gw_sum[i] += later * (vt[i] * r[i].da + r[i].db);
-          gu_sum[i] += grad_bonus;
-          r[i].push(-p[j][i], alpha[j][i], beta[j][i]);
-        }
-        store_pack<scalar_t, V>(gk + o, gk_out);
-        store_pack<scalar_t, V>(gv + o, gv_out);
-      },
-      [&](int64_t o) { prefetch_token<scalar_t>(o, k, v, gy); });
+    for (int i = 0; i < V; ++i) {
+      const RightGrads<T> d = right_step(r[i], kt[i], vt[i], uc[i], term[i]);
+      gk_out[i] = d.gk, gv_out[i] = d.gv;
+      gw_sum[i] += d.gstep;
+      gu_sum[i] += d.gbonus;
+    }
+    store_pack<scalar_t, V>(gk + o, gk_out);
+    store_pack<scalar_t, V>(gv + o, gv_out);
+  }
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     gw[th.chunk_index(g) + i] = gw_sum[i];
@@ -522,13 +529,7 @@ __global__ void __launch_bounds__(kThreads, 2) causal_grad_output(
 
 // ---------------------------------------------------------------------------------------------------------
 // Bidirectional forward and backward. Here w is the step exponent -w_user: left and right sums both decay
-// by e^w per token. The forward can keep each token's denominator den_t for the backward, where
-// alpha_t = dL/dwkv_t / den_t: for fp32/fp64 inputs as the pair (p_t, d_t), den_t = e^{p_t} d_t, so that the
-// backward's term exponent -p_t is an exact float (log den_t rounded to fp32, at |log den_t| ~ 20, would put
-// every term off by 1e-6, and the signed sums of the gradients amplify that); for 16-bit inputs, whose
-// gradients need 1e-2, as log den_t in fp32, half the bytes.
-template <typename scalar_t>
-constexpr int kDenWords = sizeof(scalar_t) >= 4 ? 2 : 1;
+// by e^w per token.
 
 template <typename scalar_t>
 struct TokenTerms {  // forward terms: e^{k_t} (v_t, 1)
@@ -543,31 +544,12 @@ struct TokenTerms {  // forward terms: e^{k_t} (v_t, 1)
   }
 };
 
-template <typename scalar_t>
-struct GradTerms {  // backward terms: (g_t, -g_t y_t) / den_t
-  const scalar_t *gy, *y;
-  const acc_t<scalar_t>* den;
-  template <int V>
-  __device__ __forceinline__ void load(int64_t o, Term<acc_t<scalar_t>> (&out)[V]) const {
-    constexpr int W = kDenWords<scalar_t>;
-    acc_t<scalar_t> gt[V], yt[V], words[W * V];
-    load_pack<scalar_t, V>(gy + o, gt);
-    load_pack<scalar_t, V>(y + o, yt);
-    load_pack<acc_t<scalar_t>, W * V>(den + W * o, words);
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const acc_t<scalar_t> scale = W == 2 ? 1 / words[W * i + 1] : 1;
-      out[i] = {-words[W * i], gt[i] * scale, -gt[i] * yt[i] * scale};
-    }
-  }
-};
-
-template <typename scalar_t, int V>
+template <typename scalar_t, int V, bool kKeepDen>
 __global__ void __launch_bounds__(kThreads, 2) bi_output(
     Layout g, const acc_t<scalar_t>* __restrict__ w, const acc_t<scalar_t>* __restrict__ u,
     const scalar_t* __restrict__ k, const scalar_t* __restrict__ v, DecayedArray<acc_t<scalar_t>> entering_left,
     DecayedArray<acc_t<scalar_t>> entering_right, DecayedArray<acc_t<scalar_t>> tile_starts, scalar_t* __restrict__ y,
-    acc_t<scalar_t>* __restrict__ den) {  // den: nullptr when not kept
+    acc_t<scalar_t>* __restrict__ den) {
   using T = acc_t<scalar_t>;
   const int64_t idx = thread_index();
   if (idx >= g.B * g.N * (g.C / V)) return;
@@ -611,15 +593,11 @@ __global__ void __launch_bounds__(kThreads, 2) bi_output(
           const T el = exp(lm[j][i] - top), er = exp(right - top), eb = exp(bonus - top);
           const T d = el * lb[j][i] + er * r[i].b + eb;
           out[i] = (el * la[j][i] + er * r[i].a + eb * vt[i]) / d;
-          if constexpr (W == 2) {
-            words[2 * i] = top, words[2 * i + 1] = d;
-          } else {
-            words[i] = top + log(d);
-          }
+          if constexpr (kKeepDen) den_words<scalar_t>(top, d, words + W * i);
           r[i].push(kt[i], vt[i], T(1));
         }
         store_pack<scalar_t, V>(y + o, out);
-        if (den != nullptr) store_pack<T, W * V>(den + W * o, words);
+        if constexpr (kKeepDen) store_pack<T, W * V>(den + W * o, words);
       },
       [&](int64_t o) { prefetch_token<scalar_t>(o, k, v); });
 }
@@ -677,13 +655,10 @@ __global__ void __launch_bounds__(kThreads, 2) bi_grad_output(
         terms.load(o, term);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
-          const T later = exp(kt[i] + r[i].scale()), bonus = exp(uc[i] + kt[i] + term[i].x);
-          const T grad_bonus = bonus * (term[i].va * vt[i] + term[i].vb);
-          gv_out[i] = gv_left[j][i] + later * r[i].a + bonus * term[i].va;
-          gk_out[i] = gk_left[j][i] + later * (vt[i] * r[i].a + r[i].b) + grad_bonus;
-          gstep[i] += later * (vt[i] * r[i].da + r[i].db);
-          gu_sum[i] += grad_bonus;
-          r[i].push(term[i].x, term[i].va, term[i].vb);
+          const RightGrads<T> d = right_step(r[i], kt[i], vt[i], uc[i], term[i]);
+          gk_out[i] = gk_left[j][i] + d.gk, gv_out[i] = gv_left[j][i] + d.gv;
+          gstep[i] += d.gstep;
+          gu_sum[i] += d.gbonus;
         }
         store_pack<scalar_t, V>(gk + o, gk_out);
         store_pack<scalar_t, V>(gv + o, gv_out);
@@ -713,6 +688,12 @@ Layout make_layout(int64_t B, int64_t T, int64_t C, int64_t group, int64_t threa
 // thread independent recurrences to overlap and wider loads; the register tiles of the two-way passes take 2.
 constexpr int kMaxWidth = 4, kTileWidth = 2;
 int channel_width(int64_t C, int widest) { return widest >= 4 && C % 4 == 0 ? 4 : widest >= 2 && C % 2 == 0 ? 2 : 1; }
+
+// Calls f(std::bool_constant<flag>{}): a run-time flag as a template argument.
+template <typename F>
+void with_flag(bool flag, F&& f) {
+  flag ? f(std::true_type{}) : f(std::false_type{});
+}
 
 // Calls launch(std::integral_constant<int, V>{}) for V = channel_width(C, widest).
 template <typename F>
@@ -813,18 +794,27 @@ DecayedStorage causal_summaries(const Layout& g, const at::Tensor& w, const at::
 // combines are at most a quarter of a chunk's tokens.
 bool own_scan(const Layout& g) { return 4 * g.N <= g.L; }
 
-// The state entering every chunk, and the state after the last token.
-template <typename scalar_t>
-void causal_states(const Layout& g, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
-                   const DecayedStorage& start, const DecayedStorage& entering, const DecayedStorage& finish) {
-  using T = acc_t<scalar_t>;
-  const auto summaries = causal_summaries<scalar_t>(g, w, k, v);
-  scan_chunks<T, false>(g, w.data_ptr<T>(), Scan{start, summaries, entering, finish, false});
+// The shape of the denominators a forward keeps for its backward (see kDenWords).
+std::vector<int64_t> den_shape(const at::Tensor& k) {
+  const int64_t words = k.element_size() >= 4 ? 2 : 1;
+  return {k.size(0), k.size(1), k.size(2), words};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_forward(
+at::Tensor kept_den(const at::Tensor& k, bool keep_den, const at::TensorOptions& opts) {
+  return keep_den ? at::empty(den_shape(k), opts) : at::empty({0}, opts);
+}
+
+void check_den(const char* op, const at::Tensor& den, const at::Tensor& k, at::ScalarType type) {
+  TORCH_CHECK(den.sizes() == at::IntArrayRef(den_shape(k)) && den.scalar_type() == type, op, ": den must be ",
+              dims(den_shape(k)), " ", type, " (the forward's, with keep_den), got ", dims(den.sizes()), " ",
+              den.scalar_type());
+}
+
+// wkv, the state after the last token (aa, bb, pp) and, when keep_den, the denominators the backward needs (else
+// an empty tensor).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_forward(
     const at::Tensor& w_, const at::Tensor& u_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& aa_,
-    const at::Tensor& bb_, const at::Tensor& pp_) {
+    const at::Tensor& bb_, const at::Tensor& pp_, bool keep_den) {
   check_tokens("wkv4_forward", w_, u_, {k_, v_});
   const int64_t B = k_.size(0), T = k_.size(1), C = k_.size(2);
   for (const auto* s : {&aa_, &bb_, &pp_}) {
@@ -838,6 +828,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_forward(
   const auto start = decayed_from(as_arithmetic(aa_, type), as_arithmetic(bb_, type), as_arithmetic(pp_, type));
   const DecayedStorage finish{at::empty({B, C}, opts), at::empty({B, C}, opts), {}, {}, at::empty({B, C}, opts)};
   auto y = at::empty_like(k);
+  auto den = kept_den(k, keep_den, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "wkv4_forward", [&] {
     using T = acc_t<scalar_t>;
     const auto summaries = causal_summaries<scalar_t>(g, w, k, v);
@@ -849,12 +840,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_forward(
       const auto launch = [&](auto kernel) {
         kernel<<<blocks_for(B * g.N * (C / V)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
             g, w.data_ptr<T>(), u.data_ptr<T>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), sums.view<T>(),
-            start.view<T>(), finish.view<T>(), y.data_ptr<scalar_t>());
+            start.view<T>(), finish.view<T>(), y.data_ptr<scalar_t>(), keep_den ? den.data_ptr<T>() : nullptr);
       };
-      own ? launch(causal_output<scalar_t, V, true>) : launch(causal_output<scalar_t, V, false>);
+      with_flag(own, [&](auto own_scan) {
+        with_flag(keep_den, [&](auto keep) { launch(causal_output<scalar_t, V, own_scan, keep>); });
+      });
     });
   });
-  return {y, finish.a, finish.b, finish.m};
+  return {y, finish.a, finish.b, finish.m, den};
 }
 
 // Gradients of wkv4_forward. The output pp is a normalisation (the state stands for e^pp (aa, bb)): its
@@ -862,42 +855,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_forward(
 // call (which differentiates pp_in that way) and the wkv outputs do.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_backward(
     const at::Tensor& w_, const at::Tensor& u_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& aa_,
-    const at::Tensor& bb_, const at::Tensor& pp_, const at::Tensor& pp_out, const at::Tensor& gy_,
-    const at::Tensor& gaa, const at::Tensor& gbb) {
-  check_tokens("wkv4_backward", w_, u_, {k_, v_, gy_});
+    const at::Tensor& bb_, const at::Tensor& pp_, const at::Tensor& pp_out, const at::Tensor& y_,
+    const at::Tensor& den_, const at::Tensor& gy_, const at::Tensor& gaa, const at::Tensor& gbb) {
+  check_tokens("wkv4_backward", w_, u_, {k_, v_, y_, gy_});
   const int64_t B = k_.size(0), T = k_.size(1), C = k_.size(2);
   const c10::cuda::CUDAGuard guard(k_.device());
   const auto type = arithmetic_type(k_.scalar_type());
   const auto opts = k_.options().dtype(type);
+  check_den("wkv4_backward", den_, k_, type);
   const auto w = as_arithmetic(w_, type), u = as_arithmetic(u_, type);
-  const auto k = k_.contiguous(), v = v_.contiguous(), gy = gy_.contiguous();
+  const auto k = k_.contiguous(), v = v_.contiguous(), y = y_.contiguous(), gy = gy_.contiguous();
+  const auto den = den_.contiguous();
   const auto aa = as_arithmetic(aa_, type), bb = as_arithmetic(bb_, type), pp = as_arithmetic(pp_, type);
-  const Layout g = make_layout(B, T, C, channel_width(C, kTileWidth), kTargetThreads);
-  const auto entering = decayed_storage(B, g.N, C, opts), finish = decayed_storage(B, 1, C, opts);
-  const auto tile_starts = decayed_storage(B, g.N * g.tiles(), C, opts);
+  const Layout g = make_layout(B, T, C, channel_width(C, kMaxWidth), kTargetThreads);
   const auto from_right = decayed_storage(B, g.N, C, opts), entering_right = decayed_storage(B, g.N, C, opts);
   const auto seed = decayed_from(as_arithmetic(gaa, type), as_arithmetic(gbb, type), as_arithmetic(-pp_out, type));
   const auto before_first = decayed_storage(B, 1, C, opts);
+  const DecayedStorage unused;  // the summary's left sums and tile starts
   auto gk = at::empty_like(k), gv = at::empty_like(v);
   // Per-chunk w and u gradients side by side, so that one reduction sums both.
   const auto gwu = at::empty({2, B, g.N, C}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "wkv4_backward", [&] {
     using T = acc_t<scalar_t>;
     auto stream = at::cuda::getCurrentCUDAStream();
-    const T *wp = w.data_ptr<T>(), *up = u.data_ptr<T>();
-    const scalar_t *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>(), *gyp = gy.data_ptr<scalar_t>();
-    causal_states<scalar_t>(g, w, k, v, decayed_from(aa, bb, pp), entering, finish);
+    const T* wp = w.data_ptr<T>();
+    const GradTerms<scalar_t> terms{gy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), den.data_ptr<T>()};
     with_width(C, kMaxWidth, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      causal_grad_summary<scalar_t, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
-          g, wp, up, kp, vp, gyp, entering.view<T>(), tile_starts.view<T>(), from_right.view<T>());
+      chunk_summary<T, true, false, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
+          g, wp, terms, unused.view<T>(), from_right.view<T>(), unused.view<T>());
     });
     scan_chunks<T, true>(g, wp, Scan{seed, from_right, entering_right, before_first, true});
-    with_width(C, kTileWidth, [&](auto width) {
+    with_width(C, kMaxWidth, [&](auto width) {
       constexpr int V = decltype(width)::value;
       causal_grad_output<scalar_t, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
-          g, wp, up, kp, vp, gyp, tile_starts.view<T>(), entering_right.view<T>(), gk.data_ptr<scalar_t>(),
-          gv.data_ptr<scalar_t>(), gwu[0].data_ptr<T>(), gwu[1].data_ptr<T>());
+          g, wp, u.data_ptr<T>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), terms, entering_right.view<T>(),
+          gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(), gwu[0].data_ptr<T>(), gwu[1].data_ptr<T>());
     });
   });
   // The state in (aa, bb, pp) stands for e^pp (aa, bb), which reaches token t as e^{tw} e^pp (aa, bb): its
@@ -909,12 +902,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto gwu_sum = gwu.sum(at::IntArrayRef{1, 2});
   return {gwu_sum[0] + gw_state, gwu_sum[1], gk, gv, gaa_in, gbb_in,
           aa * gaa_in + bb * gbb_in};
-}
-
-// The shape of the denominators biwkv_forward keeps for the backward (see kDenWords).
-std::vector<int64_t> den_shape(const at::Tensor& k) {
-  const int64_t words = k.element_size() >= 4 ? 2 : 1;
-  return {k.size(0), k.size(1), k.size(2), words};
 }
 
 // wkv and, when keep_den, the denominators the backward needs (else an empty tensor: inference writes less).
@@ -932,7 +919,7 @@ std::tuple<at::Tensor, at::Tensor> biwkv_forward(const at::Tensor& w_, const at:
   const auto tile_starts = decayed_storage(B, g.N * g.tiles(), C, opts);
   const DecayedStorage empty, unused;  // no sums before the first chunk; the sums after the last unread
   auto y = at::empty_like(k);
-  auto den = keep_den ? at::empty(den_shape(k), opts) : at::empty({0}, opts);
+  auto den = kept_den(k, keep_den, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "biwkv_forward", [&] {
     using T = acc_t<scalar_t>;
     auto stream = at::cuda::getCurrentCUDAStream();
@@ -940,16 +927,18 @@ std::tuple<at::Tensor, at::Tensor> biwkv_forward(const at::Tensor& w_, const at:
     const scalar_t *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
     with_width(C, kMaxWidth, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      two_way_summary<T, false, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
+      chunk_summary<T, false, true, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
           g, wp, TokenTerms<scalar_t>{kp, vp}, from_left.view<T>(), from_right.view<T>(), tile_starts.view<T>());
     });
     const Scan right{empty, from_right, entering_right, unused, true};
     scan_chunks<T, false>(g, wp, Scan{empty, from_left, entering_left, unused, false}, &right);
     with_width(C, kTileWidth, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      bi_output<scalar_t, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
-          g, wp, u.data_ptr<T>(), kp, vp, entering_left.view<T>(), entering_right.view<T>(), tile_starts.view<T>(),
-          y.data_ptr<scalar_t>(), keep_den ? den.data_ptr<T>() : nullptr);
+      with_flag(keep_den, [&](auto keep) {
+        bi_output<scalar_t, V, keep><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
+            g, wp, u.data_ptr<T>(), kp, vp, entering_left.view<T>(), entering_right.view<T>(), tile_starts.view<T>(),
+            y.data_ptr<scalar_t>(), keep ? den.data_ptr<T>() : nullptr);
+      });
     });
   });
   return {y, den};
@@ -963,9 +952,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biwkv_backward(
   const c10::cuda::CUDAGuard guard(k_.device());
   const auto type = arithmetic_type(k_.scalar_type());
   const auto opts = k_.options().dtype(type);
-  TORCH_CHECK(den_.sizes() == at::IntArrayRef(den_shape(k_)) && den_.scalar_type() == type,
-              "biwkv_backward: den must be ", dims(den_shape(k_)), " ", type, " (biwkv_forward with keep_den), got ",
-              dims(den_.sizes()), " ", den_.scalar_type());
+  check_den("biwkv_backward", den_, k_, type);
   const auto step = as_arithmetic(-w_, type), u = as_arithmetic(u_, type);
   const auto k = k_.contiguous(), v = v_.contiguous(), y = y_.contiguous(), gy = gy_.contiguous();
   const auto den = den_.contiguous();
@@ -983,7 +970,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biwkv_backward(
     const GradTerms<scalar_t> terms{gy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), den.data_ptr<T>()};
     with_width(C, kMaxWidth, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      two_way_summary<T, true, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
+      chunk_summary<T, true, true, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
           g, wp, terms, from_left.view<T>(), from_right.view<T>(), tile_starts.view<T>());
     });
     const Scan right{empty, from_right, entering_right, unused, true};
@@ -1003,10 +990,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biwkv_backward(
 }  // namespace
 
 TORCH_LIBRARY(zoo, m) {
-  m.def("wkv4_forward(Tensor w, Tensor u, Tensor k, Tensor v, Tensor aa, Tensor bb, Tensor pp) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("wkv4_forward(Tensor w, Tensor u, Tensor k, Tensor v, Tensor aa, Tensor bb, Tensor pp, bool keep_den) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("wkv4_backward(Tensor w, Tensor u, Tensor k, Tensor v, Tensor aa, Tensor bb, Tensor pp, Tensor pp_out, "
-        "Tensor gy, Tensor gaa, Tensor gbb) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor y, Tensor den, Tensor gy, Tensor gaa, Tensor gbb) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("biwkv_forward(Tensor w, Tensor u, Tensor k, Tensor v, bool keep_den) -> (Tensor, Tensor)");
   m.def("biwkv_backward(Tensor w, Tensor u, Tensor k, Tensor v, Tensor y, Tensor den, Tensor gy) "
         "-> (Tensor, Tensor, Tensor, Tensor)");

@@ -283,12 +283,19 @@ def test_biwkv_extreme_inputs():
         assert torch.isfinite(a).all() and rel_err(a, b) <= 5e-5
 
 
-def test_biwkv_inference_keeps_no_denominators():
+@pytest.mark.parametrize("dtype,words", [(torch.float32, 2), (torch.bfloat16, 1)])
+def test_inference_keeps_no_denominators(dtype, words):
+    """Without keep_den the forwards write no denominators; with it, (exponent, scaled denominator) pairs for fp32
+    and the log for 16-bit inputs, per token and channel. The two builds of a kernel may round differently."""
     w, u, k, v = (x.cuda() for x in biwkv_inputs(2, 100, 6))
+    k, v = k.to(dtype), v.to(dtype)
     y, den = torch.ops.zoo.biwkv_forward(w, u, k, v, False)
-    assert den.numel() == 0
-    y_kept, den = torch.ops.zoo.biwkv_forward(w, u, k, v, True)
-    assert torch.equal(y, y_kept) and den.shape == (2, 100, 6, 2)  # (exponent, scaled denominator) per token
+    y_kept, den_kept = torch.ops.zoo.biwkv_forward(w, u, k, v, True)
+    assert den.numel() == 0 and rel_err(y, y_kept) <= 1e-6 and den_kept.shape == (2, 100, 6, words)
+    s = torch.zeros(2, 6, device="cuda")
+    y, *_, den = torch.ops.zoo.wkv4_forward(-w.exp(), u, k, v, s, s, s - 1e38, False)
+    y_kept, *_, den_kept = torch.ops.zoo.wkv4_forward(-w.exp(), u, k, v, s, s, s - 1e38, True)
+    assert den.numel() == 0 and rel_err(y, y_kept) <= 1e-6 and den_kept.shape == (2, 100, 6, words)
 
 
 def test_biwkv_gradcheck_fp64_kernel():
@@ -353,12 +360,16 @@ from blocks import wkv_cuda
 assert wkv_cuda.available()
 w, u, k, v = torch.zeros(4, device="cuda"), torch.zeros(4, device="cuda"), *torch.zeros(2, 1, 3, 4, device="cuda")
 s = torch.zeros(1, 4, device="cuda")
+forward = torch.ops.zoo.wkv4_forward
 calls = {
-    "k must be [B, T, C], got [3, 4]": lambda: torch.ops.zoo.wkv4_forward(w, u, k[0], v[0], s, s, s),
-    "must share k's shape [1, 3, 4], got [1, 3, 2]": lambda: torch.ops.zoo.wkv4_forward(w, u, k, v[..., :2], s, s, s),
-    "w and u must have C = 4 elements": lambda: torch.ops.zoo.wkv4_forward(w[:3], u, k, v, s, s, s),
-    "state tensors must be [B, C]": lambda: torch.ops.zoo.wkv4_forward(w, u, k, v, s[:, :2], s, s),
+    "k must be [B, T, C], got [3, 4]": lambda: forward(w, u, k[0], v[0], s, s, s, False),
+    "must share k's shape [1, 3, 4], got [1, 3, 2]": lambda: forward(w, u, k, v[..., :2], s, s, s, False),
+    "w and u must have C = 4 elements": lambda: forward(w[:3], u, k, v, s, s, s, False),
+    "state tensors must be [B, C]": lambda: forward(w, u, k, v, s[:, :2], s, s, False),
     "B, T and C must be >= 1, got [1, 0, 4]": lambda: torch.ops.zoo.biwkv_forward(w, u, k[:, :0], v[:, :0], False),
+    "wkv4_backward: den must be [1, 3, 4, 2] Float (the forward's, with keep_den), got [0]":
+        lambda: torch.ops.zoo.wkv4_backward(w, u, k, v, s, s, s, s, k, forward(w, u, k, v, s, s, s, False)[4], k, s, s),
+    "biwkv_backward: den must be [1, 3, 4, 2] Float": lambda: torch.ops.zoo.biwkv_backward(w, u, k, v, k, k, k),
 }
 for expected, call in calls.items():
     try:
