@@ -44,6 +44,7 @@ constexpr int64_t kMinChunk = 32;
 constexpr int kScanChunksPerLane = 2;                // chunks each lane of a chunk scan combines
 constexpr int kSub = 8;                               // tokens per register tile of the two-way passes
 constexpr int64_t kTargetThreads = 1 << 17;           // (batch, chunk, channel group) threads: fastest of 2^16..2^19
+constexpr int64_t kCausalGradThreads = 1 << 16;       // the same for the causal backward: fastest of 2^15..2^18
 constexpr double kEmpty = -1e38;                      // m of an empty sum
 
 template <typename scalar_t>
@@ -867,7 +868,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto k = k_.contiguous(), v = v_.contiguous(), y = y_.contiguous(), gy = gy_.contiguous();
   const auto den = den_.contiguous();
   const auto aa = as_arithmetic(aa_, type), bb = as_arithmetic(bb_, type), pp = as_arithmetic(pp_, type);
-  const Layout g = make_layout(B, T, C, channel_width(C, kMaxWidth), kTargetThreads);
+  const Layout g = make_layout(B, T, C, channel_width(C, kMaxWidth), kCausalGradThreads);
   const auto from_right = decayed_storage(B, g.N, C, opts), entering_right = decayed_storage(B, g.N, C, opts);
   const auto seed = decayed_from(as_arithmetic(gaa, type), as_arithmetic(gbb, type), as_arithmetic(-pp_out, type));
   const auto before_first = decayed_storage(B, 1, C, opts);
