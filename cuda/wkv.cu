@@ -696,12 +696,13 @@ void with_flag(bool flag, F&& f) {
   flag ? f(std::true_type{}) : f(std::false_type{});
 }
 
-// Calls launch(std::integral_constant<int, V>{}) for V = channel_width(C, widest).
-template <typename F>
-void with_width(int64_t C, int widest, F&& launch) {
-  switch (channel_width(C, widest)) {
-    case 4: launch(std::integral_constant<int, 4>{}); break;
-    case 2: launch(std::integral_constant<int, 2>{}); break;
+// Calls launch(std::integral_constant<int, V>{}) for V = channel_width(C, kWidest). Widths above kWidest are not
+// instantiated (each case's constant is capped at kWidest): the tile passes' kernels for 4 channels would spill.
+template <int kWidest, typename F>
+void with_width(int64_t C, F&& launch) {
+  switch (channel_width(C, kWidest)) {
+    case 4: launch(std::integral_constant<int, std::min(4, kWidest)>{}); break;
+    case 2: launch(std::integral_constant<int, std::min(2, kWidest)>{}); break;
     default: launch(std::integral_constant<int, 1>{});
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -783,7 +784,7 @@ template <typename scalar_t>
 DecayedStorage causal_summaries(const Layout& g, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v) {
   using T = acc_t<scalar_t>;
   const auto summaries = decayed_storage(g.B, g.N, g.C, w.options());
-  with_width(g.C, kMaxWidth, [&](auto width) {
+  with_width<kMaxWidth>(g.C, [&](auto width) {
     constexpr int V = decltype(width)::value;
     causal_summary<scalar_t, V><<<blocks_for(g.B * g.N * (g.C / V)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         g, w.data_ptr<T>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), summaries.view<T>());
@@ -836,7 +837,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_forw
     const bool own = own_scan(g);
     const auto sums = own ? summaries : decayed_storage(B, g.N, C, opts);  // the summaries, or the entering states
     if (!own) scan_chunks<T, false>(g, w.data_ptr<T>(), Scan{start, summaries, sums, finish, false});
-    with_width(C, kMaxWidth, [&](auto width) {
+    with_width<kMaxWidth>(C, [&](auto width) {
       constexpr int V = decltype(width)::value;
       const auto launch = [&](auto kernel) {
         kernel<<<blocks_for(B * g.N * (C / V)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
@@ -881,13 +882,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     auto stream = at::cuda::getCurrentCUDAStream();
     const T* wp = w.data_ptr<T>();
     const GradTerms<scalar_t> terms{gy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), den.data_ptr<T>()};
-    with_width(C, kMaxWidth, [&](auto width) {
+    with_width<kMaxWidth>(C, [&](auto width) {
       constexpr int V = decltype(width)::value;
       chunk_summary<T, true, false, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
           g, wp, terms, unused.view<T>(), from_right.view<T>(), unused.view<T>());
     });
     scan_chunks<T, true>(g, wp, Scan{seed, from_right, entering_right, before_first, true});
-    with_width(C, kMaxWidth, [&](auto width) {
+    with_width<kMaxWidth>(C, [&](auto width) {
       constexpr int V = decltype(width)::value;
       causal_grad_output<scalar_t, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
           g, wp, u.data_ptr<T>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), terms, entering_right.view<T>(),
@@ -926,14 +927,14 @@ std::tuple<at::Tensor, at::Tensor> biwkv_forward(const at::Tensor& w_, const at:
     auto stream = at::cuda::getCurrentCUDAStream();
     const T* wp = step.data_ptr<T>();
     const scalar_t *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
-    with_width(C, kMaxWidth, [&](auto width) {
+    with_width<kMaxWidth>(C, [&](auto width) {
       constexpr int V = decltype(width)::value;
       chunk_summary<T, false, true, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
           g, wp, TokenTerms<scalar_t>{kp, vp}, from_left.view<T>(), from_right.view<T>(), tile_starts.view<T>());
     });
     const Scan right{empty, from_right, entering_right, unused, true};
     scan_chunks<T, false>(g, wp, Scan{empty, from_left, entering_left, unused, false}, &right);
-    with_width(C, kTileWidth, [&](auto width) {
+    with_width<kTileWidth>(C, [&](auto width) {
       constexpr int V = decltype(width)::value;
       with_flag(keep_den, [&](auto keep) {
         bi_output<scalar_t, V, keep><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
@@ -969,14 +970,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biwkv_backward(
     auto stream = at::cuda::getCurrentCUDAStream();
     const T* wp = step.data_ptr<T>();
     const GradTerms<scalar_t> terms{gy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), den.data_ptr<T>()};
-    with_width(C, kMaxWidth, [&](auto width) {
+    with_width<kMaxWidth>(C, [&](auto width) {
       constexpr int V = decltype(width)::value;
       chunk_summary<T, true, true, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
           g, wp, terms, from_left.view<T>(), from_right.view<T>(), tile_starts.view<T>());
     });
     const Scan right{empty, from_right, entering_right, unused, true};
     scan_chunks<T, true>(g, wp, Scan{empty, from_left, entering_left, unused, false}, &right);
-    with_width(C, kTileWidth, [&](auto width) {
+    with_width<kTileWidth>(C, [&](auto width) {
       constexpr int V = decltype(width)::value;
       bi_grad_output<scalar_t, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
           g, wp, u.data_ptr<T>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), terms, entering_left.view<T>(),
