@@ -837,15 +837,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_forw
     const bool own = own_scan(g);
     const auto sums = own ? summaries : decayed_storage(B, g.N, C, opts);  // the summaries, or the entering states
     if (!own) scan_chunks<T, false>(g, w.data_ptr<T>(), Scan{start, summaries, sums, finish, false});
-    with_width<kMaxWidth>(C, [&](auto width) {
-      constexpr int V = decltype(width)::value;
-      const auto launch = [&](auto kernel) {
-        kernel<<<blocks_for(B * g.N * (C / V)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-            g, w.data_ptr<T>(), u.data_ptr<T>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), sums.view<T>(),
-            start.view<T>(), finish.view<T>(), y.data_ptr<scalar_t>(), keep_den ? den.data_ptr<T>() : nullptr);
-      };
-      with_flag(own, [&](auto own_scan) {
-        with_flag(keep_den, [&](auto keep) { launch(causal_output<scalar_t, V, own_scan, keep>); });
+    // Keeping the denominators, 2 channels a thread are faster than 4 (BENCHMARKS.md, issue 3); without, 4.
+    with_flag(keep_den, [&](auto keep) {
+      with_width<keep ? kTileWidth : kMaxWidth>(C, [&](auto width) {
+        constexpr int V = decltype(width)::value;
+        const auto launch = [&](auto kernel) {
+          kernel<<<blocks_for(B * g.N * (C / V)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              g, w.data_ptr<T>(), u.data_ptr<T>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), sums.view<T>(),
+              start.view<T>(), finish.view<T>(), y.data_ptr<scalar_t>(), keep ? den.data_ptr<T>() : nullptr);
+        };
+        with_flag(own, [&](auto own_scan) { launch(causal_output<scalar_t, V, own_scan, keep>); });
       });
     });
   });
