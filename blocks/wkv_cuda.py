@@ -100,7 +100,6 @@ def _register_wkv_rules() -> None:
         wu = torch.empty(w.shape, dtype=_compute_dtype(k), device=k.device)
         return wu, torch.empty_like(wu), torch.empty_like(k), torch.empty_like(v)
 
-
     def wkv4_setup(ctx, inputs, output):
         ctx.keep_den = inputs[7]
         ctx.set_materialize_grads(False)  # no zero gradient for den (see biwkv_setup)
