@@ -200,3 +200,15 @@ def test_compiled_code_decides_the_kernel_path_at_trace_time(monkeypatch):
     compiled = torch.compile(lambda x: x * 2 if wkv_cuda.available("wkv") else x, fullgraph=True, backend="eager")
     assert torch.equal(compiled(torch.ones(3)), torch.ones(3))
     assert checks == ["forced"]
+
+
+def test_forwards_keep_for_backward_only_what_autograd_will_read():
+    """keep_den / keep_sa: the kernels' forwards keep what their backward reads only when grad mode is on and some
+    input requires grad, so inference writes nothing extra."""
+    from blocks import wkv_cuda
+
+    x, leaf = torch.ones(2), torch.ones(2, requires_grad=True)
+    assert wkv_cuda.keeps_for_backward(x, leaf)
+    assert not wkv_cuda.keeps_for_backward(x, x)
+    with torch.no_grad():
+        assert not wkv_cuda.keeps_for_backward(x, leaf)
