@@ -12,7 +12,7 @@
 // which the gradient of w needs. Sums over consecutive chunks combine exactly (Decayed::then), so each
 // direction takes three kinds of launch:
 //   summaries: each chunk's sums from an empty start (one thread per batch, chunk, channel);
-//   scans:     the sums entering every chunk, from the left or the right (warps per batch, channel);
+//   scans:     the sums entering every chunk, from the left or the right (runs of chunks per batch, channel);
 //   outputs:   each chunk replays its tokens from its entering sums (the causal forward's output threads
 //              combine the summaries before their chunk themselves where rows have few chunks, sparing the
 //              scan's launch). A pass that needs sums from both sides walks register tiles of kSub tokens,
@@ -41,7 +41,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMinChunk = 32;
-constexpr int kScanChunksPerLane = 2;                // chunks each lane of a chunk scan combines
+constexpr int kScanChunksPerRun = 2;                 // chunks each thread of a chunk scan combines
 constexpr int kSub = 8;                               // tokens per register tile of the two-way passes
 constexpr int64_t kTargetThreads = 1 << 17;           // (batch, chunk, channel group) threads: fastest of 2^16..2^19
 constexpr int64_t kCausalGradThreads = 1 << 16;       // the same for the causal backward: fastest of 2^15..2^18
@@ -104,13 +104,6 @@ struct Decayed {
     return {e.old_side * a + e.new_side * next.a, e.old_side * b + e.new_side * next.b,
             e.old_side * (da + steps * a) + e.new_side * next.da, e.old_side * (db + steps * b) + e.new_side * next.db,
             e.new_larger ? next.m : m, e.new_larger ? next.n : n + steps, w};
-  }
-
-  // The same sum in lane `lane - offset` of the warp (for the scan over chunks).
-  __device__ __forceinline__ Decayed from_lane_below(int offset) const {
-    constexpr unsigned kAll = 0xffffffffu;
-    return {__shfl_up_sync(kAll, a, offset), __shfl_up_sync(kAll, b, offset), __shfl_up_sync(kAll, da, offset),
-            __shfl_up_sync(kAll, db, offset), __shfl_up_sync(kAll, m, offset), __shfl_up_sync(kAll, n, offset), w};
   }
 };
 
@@ -280,12 +273,13 @@ __device__ __forceinline__ void walk_tiles(const Layout& g, const ChunkThread& t
 // ---------------------------------------------------------------------------------------------------------
 // Scans over chunks, shared by every pass.
 
-// The sums entering every chunk of one (batch, channel) from one side, walking the chunks left to right or
+// The sums entering every chunk of one (batch, channel) row from one side, walking the chunks left to right or
 // right to left: `start` is the sum before the first chunk walked, `summaries` each chunk's own sum; the sum
-// after the last chunk goes to `finish`. `warps_per_row` warps per (batch, channel) row (a power of two, at most
-// a block's): each lane combines a run of chunks, each warp scans its 32 runs with shuffles, the warps of a row
-// add the runs of the warps before them through shared memory, then each lane walks its run again from the sum
-// entering it. Two independent scans (the two sides of Bi-WKV) share a launch: blockIdx.y picks one.
+// after the last chunk goes to `finish`. A block takes kThreads / segments consecutive rows, each in `segments`
+// runs of consecutive chunks: neighbouring threads take neighbouring rows, so every load and store is a whole
+// 32-byte sector (the summaries of one chunk are [B, C] arrays). Each thread combines its run, the runs meet in
+// shared memory, and each thread walks its run again from the sum of the runs before it. Two independent scans
+// (the two sides of Bi-WKV) share a launch: blockIdx.y picks one.
 template <typename T>
 struct ScanSide {
   DecayedArray<T> start, summaries, entering, finish;
@@ -293,55 +287,35 @@ struct ScanSide {
 };
 
 template <typename T, bool kDistance>
-__global__ void chunk_scan(Layout g, const T* __restrict__ w, int warps_per_row, ScanSide<T> first_side,
-                           ScanSide<T> second_side) {
-  __shared__ T warp_sums[kThreads / 32][7];  // each warp's runs together: a, b, da, db, m, n and their length
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warp_in_row = warp % warps_per_row;
-  const int64_t row = blockIdx.x * (int64_t)(kThreads / 32 / warps_per_row) + warp / warps_per_row;  // b * C + c
-  const bool valid = row < g.B * g.C;  // whole warps are valid or not
+__global__ void __launch_bounds__(kThreads) chunk_scan(Layout g, const T* __restrict__ w, int segments,
+                                                       ScanSide<T> first_side, ScanSide<T> second_side) {
+  __shared__ T runs[7][kThreads];  // each thread's run: a, b, da, db, m, n and its length in tokens
+  const int rows_per_block = kThreads / segments, segment = threadIdx.x / rows_per_block;
+  const int64_t row = blockIdx.x * (int64_t)rows_per_block + threadIdx.x % rows_per_block;  // b * C + c
+  const bool valid = row < g.B * g.C;
   const auto& [start, summaries, entering, finish, reverse] = blockIdx.y == 0 ? first_side : second_side;
-  const int64_t c = row % g.C, b = row / g.C, per_lane = (g.N + 32 * warps_per_row - 1) / (32 * warps_per_row);
-  const int64_t first = valid ? std::min(g.N, (warp_in_row * 32 + lane) * per_lane) : g.N;
-  const int64_t last = std::min(g.N, first + per_lane);
+  const int64_t c = row % g.C, b = row / g.C, per_run = (g.N + segments - 1) / segments;
+  const int64_t first = valid ? std::min(g.N, segment * per_run) : g.N, last = std::min(g.N, first + per_run);
   const auto chunk = [&](int64_t i) { return reverse ? g.N - 1 - i : i; };
   const auto index = [&](int64_t n) { return (b * g.N + n) * g.C + c; };
   const T wc = valid ? w[c] : T(0);
   Decayed<T> run = Decayed<T>::empty(wc);
   T run_len = 0;
+#pragma unroll 4
   for (int64_t i = first; i < last; ++i) {
     const int64_t n = chunk(i);
     const T len = static_cast<T>(g.chunk_len(n));
     run = run.then(len, summaries.template load<kDistance>(index(n), wc));
     run_len += len;
   }
-  for (int offset = 1; offset < 32; offset *= 2) {  // inclusive scan of the runs over the lanes
-    const Decayed<T> below = run.from_lane_below(offset);
-    const T below_len = __shfl_up_sync(0xffffffffu, run_len, offset);
-    if (lane >= offset) {
-      run = below.then(run_len, run);
-      run_len += below_len;
-    }
-  }
-  if (lane == 31) {
-    const T parts[7] = {run.a, run.b, run.da, run.db, run.m, run.n, run_len};
-    for (int i = 0; i < 7; ++i) warp_sums[warp][i] = parts[i];
-  }
+  const T parts[7] = {run.a, run.b, run.da, run.db, run.m, run.n, run_len};
+  for (int i = 0; i < 7; ++i) runs[i][threadIdx.x] = parts[i];
   __syncthreads();
-  Decayed<T> before = Decayed<T>::empty(wc);  // the runs of the row's warps below this one, then of the lanes below
-  T before_len = 0;
-  for (int j = warp - warp_in_row; j < warp; ++j) {
-    const T* p = warp_sums[j];
-    before = before.then(p[6], Decayed<T>{p[0], p[1], p[2], p[3], p[4], p[5], wc});
-    before_len += p[6];
-  }
-  const Decayed<T> lanes_below = run.from_lane_below(1);
-  const T lanes_below_len = __shfl_up_sync(0xffffffffu, run_len, 1);
-  if (lane > 0) {
-    before = before.then(lanes_below_len, lanes_below);
-    before_len += lanes_below_len;
-  }
   if (!valid) return;
-  Decayed<T> s = start.template load_given<kDistance>(row, wc).then(before_len, before);
+  Decayed<T> s = start.template load_given<kDistance>(row, wc);
+  for (int j = threadIdx.x % rows_per_block; j < threadIdx.x; j += rows_per_block) {  // the runs before this one
+    s = s.then(runs[6][j], Decayed<T>{runs[0][j], runs[1][j], runs[2][j], runs[3][j], runs[4][j], runs[5][j], wc});
+  }
   for (int64_t i = first; i < last; ++i) {
     const int64_t n = chunk(i);
     entering.template store<kDistance>(index(n), s);
@@ -771,12 +745,12 @@ struct Scan {
 // Runs one scan, or two independent ones in one launch.
 template <typename T, bool kDistance>
 void scan_chunks(const Layout& g, const T* w, const Scan& first, const Scan* second = nullptr) {
-  int warps = 1;  // per row: enough for about kScanChunksPerLane chunks a lane
-  while (warps < kThreads / 32 && warps * 32 * kScanChunksPerLane < g.N) warps *= 2;
-  const int64_t rows_per_block = kThreads / 32 / warps;
+  int segments = 1;  // per row: enough for about kScanChunksPerRun chunks a run, at least 8 rows a block
+  while (segments < kThreads / 8 && segments * kScanChunksPerRun < g.N) segments *= 2;
+  const int64_t rows_per_block = kThreads / segments;
   const dim3 grid((g.B * g.C + rows_per_block - 1) / rows_per_block, second == nullptr ? 1 : 2);
   chunk_scan<T, kDistance><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      g, w, warps, first.side<T>(), (second == nullptr ? first : *second).side<T>());
+      g, w, segments, first.side<T>(), (second == nullptr ? first : *second).side<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
