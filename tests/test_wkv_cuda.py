@@ -298,6 +298,19 @@ def test_inference_keeps_no_denominators(dtype, words):
     assert den.numel() == 0 and rel_err(y, y_kept) <= 1e-6 and den_kept.shape == (2, 100, 6, words)
 
 
+def test_backward_after_a_forward_that_kept_nothing_is_an_error():
+    """A forward called with keep_den=False (inference) has nothing for a backward: the autograd rule says so
+    instead of running the backward kernel on an empty den."""
+    w, u, k, v = (x.cuda().requires_grad_() for x in biwkv_inputs(1, 5, 3))
+    y, _ = torch.ops.zoo.biwkv_forward(w, u, k, v, False)
+    with pytest.raises(RuntimeError, match="zoo::biwkv_forward ran with keep_den=False"):
+        y.sum().backward()
+    s = torch.zeros(1, 3, device="cuda")
+    y, *_ = torch.ops.zoo.wkv4_forward(-w.exp(), u, k, v, s, s, s - 1e38, False)
+    with pytest.raises(RuntimeError, match="zoo::wkv4_forward ran with keep_den=False"):
+        y.sum().backward()
+
+
 def test_biwkv_gradcheck_fp64_kernel():
     leaves = [x.cuda().double().requires_grad_() for x in biwkv_inputs(2, 41, 3, k_scale=1.0)]
     assert torch.autograd.gradcheck(biwkv, leaves)
