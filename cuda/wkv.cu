@@ -17,7 +17,8 @@
 //              combine the summaries before their chunk themselves where rows have few chunks, sparing the
 //              scan's launch). A pass that needs sums from both sides walks register tiles of kSub tokens,
 //              last tile first: forward through the tile, keeping the per-token values in registers, then
-//              backward through it.
+//              backward through it; each tile's tokens are copied into shared memory (cp.async) while the
+//              tile walked before it is computed.
 // Gradients are the same sums run the other way. With alpha_t = dL/dwkv_t / den_t and beta_t = -alpha_t wkv_t,
 // the causal case has dL/dv_i = e^{k_i} sum_{t>i} e^{(t-1-i)w} alpha_t plus the bonus term; alpha_t carries
 // e^{-P_t}, P_t the largest exponent in den_t, and k_i + (t-1-i)w <= P_t keeps every product <= 1. A forward
@@ -175,15 +176,58 @@ __device__ __forceinline__ void store_pack(scalar_t* p, const T (&in)[V]) {
   *reinterpret_cast<Pack<scalar_t, V>*>(p) = pack;
 }
 
-// Asks L2 for the line holding p: a hint, nothing waits on it.
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
-
-// Prefetches token offset o of each tensor, so that the loads of the next register tile wait on L2, not DRAM.
-// 16-bit inputs only: the fp32 passes measured slower with it (BENCHMARKS.md, issue 3).
-template <typename scalar_t, typename... Tensors>
-__device__ __forceinline__ void prefetch_token(int64_t o, const Tensors*... tensors) {
-  if constexpr (sizeof(scalar_t) == 2) (prefetch_l2(tensors + o), ...);
+// An asynchronous copy of kBytes from global to shared memory (cp.async; larger than 16 bytes in 16-byte parts).
+// Two bytes, which cp.async cannot copy, are a plain load and store. copies_commit() closes a group of copies;
+// copies_wait<n>() waits until all but the n groups committed last have landed (for this thread's copies).
+template <int kBytes>
+__device__ __forceinline__ void copy_async(void* to, const void* from) {
+  const auto shared = static_cast<unsigned>(__cvta_generic_to_shared(to));
+  if constexpr (kBytes == 2) {
+    *static_cast<int16_t*>(to) = *static_cast<const int16_t*>(from);
+  } else if constexpr (kBytes > 16) {
+#pragma unroll
+    for (int i = 0; i < kBytes; i += 16) copy_async<16>(static_cast<char*>(to) + i, static_cast<const char*>(from) + i);
+  } else if constexpr (kBytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared), "l"(from));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(shared), "l"(from), "n"(kBytes));
+  }
 }
+__device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;"); }
+template <int kPending>
+__device__ __forceinline__ void copies_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(kPending)); }
+
+// A thread's next register tiles of kInputs [B, T, C] inputs, copied into shared memory kStages - 1 tiles ahead
+// of their use, so that the next tile's loads are in flight while the thread computes, without registers to hold
+// them (BENCHMARKS.md, issue 3: 3 stages were no faster than 2). kWords values of type S per token and channel;
+// the thread owns slot threadIdx.x of each [stage][input][token] row of blockDim.x slots.
+constexpr int kStages = 2;
+
+template <typename S, int V, int kInputs, int kWords = 1>
+struct Stages {
+  using P = Pack<S, kWords * V>;
+  static constexpr size_t kBytesPerThread = size_t(kStages) * kInputs * kSub * sizeof(P);
+  P* data;
+
+  __device__ __forceinline__ P* slot(int64_t tile, int input, int j) const {
+    return data + (((tile % kStages) * kInputs + input) * kSub + j) * blockDim.x + threadIdx.x;
+  }
+  // Starts copying the first `count` tokens of a tile, token j at offset o + j * stride of each input.
+  __device__ __forceinline__ void fetch(int64_t tile, const S* const (&from)[kInputs], int64_t o, int64_t stride,
+                                        int count) const {
+#pragma unroll
+    for (int j = 0; j < kSub; ++j) {
+      if (j < count) {
+#pragma unroll
+        for (int i = 0; i < kInputs; ++i) copy_async<sizeof(P)>(slot(tile, i, j), from[i] + kWords * (o + j * stride));
+      }
+    }
+  }
+  template <typename T>
+  __device__ __forceinline__ void load(int64_t tile, int input, int j, T (&out)[kWords * V]) const {
+    load_pack<S, kWords * V>(slot(tile, input, j)->x, out);
+  }
+};
 
 template <typename T>
 struct Term {
@@ -211,18 +255,24 @@ template <typename scalar_t>
 struct GradTerms {  // backward terms: (g_t, -g_t y_t) / den_t
   const scalar_t *gy, *y;
   const acc_t<scalar_t>* den;
+  static constexpr int W = kDenWords<scalar_t>;
+  using T = acc_t<scalar_t>;
   template <int V>
-  __device__ __forceinline__ void load(int64_t o, Term<acc_t<scalar_t>> (&out)[V]) const {
-    constexpr int W = kDenWords<scalar_t>;
-    acc_t<scalar_t> gt[V], yt[V], words[W * V];
-    load_pack<scalar_t, V>(gy + o, gt);
-    load_pack<scalar_t, V>(y + o, yt);
-    load_pack<acc_t<scalar_t>, W * V>(den + W * o, words);
+  __device__ __forceinline__ static void of(const T (&gt)[V], const T (&yt)[V], const T (&words)[W * V],
+                                            Term<T> (&out)[V]) {
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      const acc_t<scalar_t> scale = W == 2 ? 1 / words[W * i + 1] : 1;
+      const T scale = W == 2 ? 1 / words[W * i + 1] : 1;
       out[i] = {-words[W * i], gt[i] * scale, -gt[i] * yt[i] * scale};
     }
+  }
+  template <int V>
+  __device__ __forceinline__ void load(int64_t o, Term<T> (&out)[V]) const {
+    T gt[V], yt[V], words[W * V];
+    load_pack<scalar_t, V>(gy + o, gt);
+    load_pack<scalar_t, V>(y + o, yt);
+    load_pack<T, W * V>(den + W * o, words);
+    of(gt, yt, words, out);
   }
 };
 
@@ -243,29 +293,35 @@ struct ChunkThread {
 
 __device__ __forceinline__ int64_t thread_index() { return blockIdx.x * (int64_t)blockDim.x + threadIdx.x; }
 
-// Walks the register tiles of a chunk, last tile first: begin(tile, t0) sets up the tile that starts at token
-// t0, ahead(offset) runs for the tokens of the tile walked next (a prefetch), then forward(j, offset) runs for
-// its tokens in order and backward(j, offset) in reverse. j < kSub is a compile-time index once unrolled, so
-// per-token arrays indexed by it stay in registers.
-template <typename Begin, typename Forward, typename Backward, typename Ahead>
-__device__ __forceinline__ void walk_tiles(const Layout& g, const ChunkThread& th, Begin begin, Forward forward,
-                                           Backward backward, Ahead ahead) {
-  const int64_t base = th.token_offset(g), len = g.chunk_len(th.n);
-  for (int64_t tile = (len - 1) / kSub; tile >= 0; --tile) {
-    const int64_t t0 = tile * kSub;
-    const int count = static_cast<int>(min(static_cast<int64_t>(kSub), len - t0));
-    begin(tile, t0);
-    if (tile > 0) {
+// Walks the register tiles of a chunk, last tile first. fetch(tile, o, count) starts the copies of a tile's count
+// tokens from token offset o into its stage (Stages::fetch), kStages - 1 tiles ahead of the walk; once a tile's
+// copies have landed, begin(tile, t0) sets up the tile that starts at token t0, then forward(tile, j, offset)
+// runs for its tokens in order and backward(tile, j, offset) in reverse. j < kSub is a compile-time index once
+// unrolled, so per-token arrays indexed by it stay in registers.
+template <typename Fetch, typename Begin, typename Forward, typename Backward>
+__device__ __forceinline__ void walk_tiles(const Layout& g, const ChunkThread& th, Fetch fetch, Begin begin,
+                                           Forward forward, Backward backward) {
+  const int64_t base = th.token_offset(g), len = g.chunk_len(th.n), last = (len - 1) / kSub;
+  const auto count = [&](int64_t tile) { return static_cast<int>(min(static_cast<int64_t>(kSub), len - tile * kSub)); };
+  const auto start = [&](int64_t tile) {  // one commit group per tile, empty past the first
+    if (tile >= 0) fetch(tile, base + tile * kSub * g.C, count(tile));
+    copies_commit();
+  };
 #pragma unroll
-      for (int j = 0; j < kSub; ++j) ahead(base + (t0 - kSub + j) * g.C);
-    }
+  for (int ahead = 0; ahead < kStages - 1; ++ahead) start(last - ahead);
+  for (int64_t tile = last; tile >= 0; --tile) {
+    start(tile - (kStages - 1));
+    copies_wait<kStages - 1>();
+    const int64_t t0 = tile * kSub;
+    const int tokens = count(tile);
+    begin(tile, t0);
 #pragma unroll
     for (int j = 0; j < kSub; ++j) {
-      if (j < count) forward(j, base + (t0 + j) * g.C);
+      if (j < tokens) forward(tile, j, base + (t0 + j) * g.C);
     }
 #pragma unroll
     for (int j = kSub - 1; j >= 0; --j) {
-      if (j < count) backward(j, base + (t0 + j) * g.C);
+      if (j < tokens) backward(tile, j, base + (t0 + j) * g.C);
     }
   }
 }
@@ -526,6 +582,8 @@ __global__ void __launch_bounds__(kThreads, 2) bi_output(
     DecayedArray<acc_t<scalar_t>> entering_right, DecayedArray<acc_t<scalar_t>> tile_starts, scalar_t* __restrict__ y,
     acc_t<scalar_t>* __restrict__ den) {
   using T = acc_t<scalar_t>;
+  extern __shared__ __align__(16) unsigned char staged[];
+  const Stages<scalar_t, V, 2> kv{reinterpret_cast<Pack<scalar_t, V>*>(staged)};
   const int64_t idx = thread_index();
   if (idx >= g.B * g.N * (g.C / V)) return;
   const ChunkThread th = ChunkThread::of<V>(g, idx);
@@ -539,7 +597,7 @@ __global__ void __launch_bounds__(kThreads, 2) bi_output(
   }
   T la[kSub][V], lb[kSub][V], lm[kSub][V];
   walk_tiles(
-      g, th,
+      g, th, [&](int64_t tile, int64_t o, int count) { kv.fetch(tile, {k, v}, o, g.C, count); },
       [&](int64_t tile, int64_t t0) {
 #pragma unroll
         for (int i = 0; i < V; ++i) {
@@ -547,21 +605,21 @@ __global__ void __launch_bounds__(kThreads, 2) bi_output(
           s[i] = left_in[i].then(static_cast<T>(t0), local);
         }
       },
-      [&](int j, int64_t o) {
+      [&](int64_t tile, int j, int64_t) {
         T kt[V], vt[V];
-        load_pack<scalar_t, V>(k + o, kt);
-        load_pack<scalar_t, V>(v + o, vt);
+        kv.load(tile, 0, j, kt);
+        kv.load(tile, 1, j, vt);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           la[j][i] = s[i].a, lb[j][i] = s[i].b, lm[j][i] = s[i].scale();
           s[i].push(kt[i], vt[i], T(1));
         }
       },
-      [&](int j, int64_t o) {
+      [&](int64_t tile, int j, int64_t o) {
         constexpr int W = kDenWords<scalar_t>;
         T kt[V], vt[V], out[V], words[W * V];
-        load_pack<scalar_t, V>(k + o, kt);
-        load_pack<scalar_t, V>(v + o, vt);
+        kv.load(tile, 0, j, kt);
+        kv.load(tile, 1, j, vt);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           const T bonus = uc[i] + kt[i], right = r[i].scale(), top = max(max(lm[j][i], right), bonus);
@@ -573,8 +631,7 @@ __global__ void __launch_bounds__(kThreads, 2) bi_output(
         }
         store_pack<scalar_t, V>(y + o, out);
         if constexpr (kKeepDen) store_pack<T, W * V>(den + W * o, words);
-      },
-      [&](int64_t o) { prefetch_token<scalar_t>(o, k, v); });
+      });
 }
 
 template <typename scalar_t, int V>
@@ -585,6 +642,19 @@ __global__ void __launch_bounds__(kThreads, 2) bi_grad_output(
     DecayedArray<acc_t<scalar_t>> tile_starts, scalar_t* __restrict__ gk, scalar_t* __restrict__ gv,
     acc_t<scalar_t>* __restrict__ gw, acc_t<scalar_t>* __restrict__ gu) {
   using T = acc_t<scalar_t>;
+  constexpr int W = kDenWords<scalar_t>;
+  extern __shared__ __align__(16) unsigned char staged[];
+  const Stages<scalar_t, V, 4> inputs{reinterpret_cast<Pack<scalar_t, V>*>(staged)};  // k, v, dL/dwkv, wkv
+  const Stages<T, V, 1, W> dens{reinterpret_cast<Pack<T, W * V>*>(staged + inputs.kBytesPerThread * blockDim.x)};
+  const auto load = [&](int64_t tile, int j, T (&kt)[V], T (&vt)[V], Term<T> (&term)[V]) {
+    T gt[V], yt[V], words[W * V];
+    inputs.load(tile, 0, j, kt);
+    inputs.load(tile, 1, j, vt);
+    inputs.load(tile, 2, j, gt);
+    inputs.load(tile, 3, j, yt);
+    dens.load(tile, 0, j, words);
+    GradTerms<scalar_t>::of(gt, yt, words, term);
+  };
   const int64_t idx = thread_index();
   if (idx >= g.B * g.N * (g.C / V)) return;
   const ChunkThread th = ChunkThread::of<V>(g, idx);
@@ -600,6 +670,10 @@ __global__ void __launch_bounds__(kThreads, 2) bi_grad_output(
   T gk_left[kSub][V], gv_left[kSub][V];
   walk_tiles(
       g, th,
+      [&](int64_t tile, int64_t o, int count) {
+        inputs.fetch(tile, {k, v, terms.gy, terms.y}, o, g.C, count);
+        dens.fetch(tile, {terms.den}, o, g.C, count);
+      },
       [&](int64_t tile, int64_t t0) {
 #pragma unroll
         for (int i = 0; i < V; ++i) {
@@ -607,12 +681,10 @@ __global__ void __launch_bounds__(kThreads, 2) bi_grad_output(
           s[i] = left_in[i].then(static_cast<T>(t0), local);
         }
       },
-      [&](int j, int64_t o) {
+      [&](int64_t tile, int j, int64_t) {
         T kt[V], vt[V];
         Term<T> term[V];
-        load_pack<scalar_t, V>(k + o, kt);
-        load_pack<scalar_t, V>(v + o, vt);
-        terms.load(o, term);
+        load(tile, j, kt, vt, term);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           const T earlier = exp(kt[i] + s[i].scale());
@@ -622,12 +694,10 @@ __global__ void __launch_bounds__(kThreads, 2) bi_grad_output(
           s[i].push(term[i].x, term[i].va, term[i].vb);
         }
       },
-      [&](int j, int64_t o) {
+      [&](int64_t tile, int j, int64_t o) {
         T kt[V], vt[V], gk_out[V], gv_out[V];
         Term<T> term[V];  // e^{-p} (dL/dwkv, -dL/dwkv wkv) / d
-        load_pack<scalar_t, V>(k + o, kt);
-        load_pack<scalar_t, V>(v + o, vt);
-        terms.load(o, term);
+        load(tile, j, kt, vt, term);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           const RightGrads<T> d = right_step(r[i], kt[i], vt[i], uc[i], term[i]);
@@ -637,8 +707,7 @@ __global__ void __launch_bounds__(kThreads, 2) bi_grad_output(
         }
         store_pack<scalar_t, V>(gk + o, gk_out);
         store_pack<scalar_t, V>(gv + o, gv_out);
-      },
-      [&](int64_t o) { prefetch_token<scalar_t>(o, k, v, terms.gy, terms.y); });
+      });
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     gw[th.chunk_index(g) + i] = -gstep[i];
@@ -649,7 +718,20 @@ __global__ void __launch_bounds__(kThreads, 2) bi_grad_output(
 // ---------------------------------------------------------------------------------------------------------
 // Host side.
 
-int blocks_for(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThreads); }
+int blocks_for(int64_t n, int threads = kThreads) { return static_cast<int>((n + threads - 1) / threads); }
+
+// Launches a tile pass (bi_output, bi_grad_output) over n threads whose Stages take bytes_per_thread of shared
+// memory: blocks of kThreads, halved until two blocks fit an SM (kStagedBlockBytes each), as __launch_bounds__
+// asks. Only fp64 and the fp32 backward need smaller blocks.
+constexpr int kStagedBlockBytes = 112 * 1024;
+template <typename Kernel, typename... Args>
+void launch_staged(Kernel kernel, int64_t n, size_t bytes_per_thread, const Args&... args) {
+  int threads = kThreads;
+  while (threads > 32 && threads * bytes_per_thread > kStagedBlockBytes) threads /= 2;
+  const int bytes = static_cast<int>(threads * bytes_per_thread);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  kernel<<<blocks_for(n, threads), threads, bytes, at::cuda::getCurrentCUDAStream()>>>(args...);
+}
 
 // Chunks long enough to keep the scans short, short enough to give every SM work: about `threads` threads
 // of `group` channels each. Chunks longer than a tile are whole tiles.
@@ -913,9 +995,9 @@ std::tuple<at::Tensor, at::Tensor> biwkv_forward(const at::Tensor& w_, const at:
     with_width<kTileWidth>(C, [&](auto width) {
       constexpr int V = decltype(width)::value;
       with_flag(keep_den, [&](auto keep) {
-        bi_output<scalar_t, V, keep><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
-            g, wp, u.data_ptr<T>(), kp, vp, entering_left.view<T>(), entering_right.view<T>(), tile_starts.view<T>(),
-            y.data_ptr<scalar_t>(), keep ? den.data_ptr<T>() : nullptr);
+        launch_staged(bi_output<scalar_t, V, keep>, B * g.N * (C / V), Stages<scalar_t, V, 2>::kBytesPerThread, g,
+                      wp, u.data_ptr<T>(), kp, vp, entering_left.view<T>(), entering_right.view<T>(),
+                      tile_starts.view<T>(), y.data_ptr<scalar_t>(), keep ? den.data_ptr<T>() : nullptr);
       });
     });
   });
@@ -955,10 +1037,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biwkv_backward(
     scan_chunks<T, true>(g, wp, Scan{empty, from_left, entering_left, unused, false}, &right);
     with_width<kTileWidth>(C, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      bi_grad_output<scalar_t, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
-          g, wp, u.data_ptr<T>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), terms, entering_left.view<T>(),
-          entering_right.view<T>(), tile_starts.view<T>(), gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(),
-          gwu[0].data_ptr<T>(), gwu[1].data_ptr<T>());
+      constexpr size_t bytes = Stages<scalar_t, V, 4>::kBytesPerThread +
+                               Stages<T, V, 1, kDenWords<scalar_t>>::kBytesPerThread;  // as bi_grad_output's
+      launch_staged(bi_grad_output<scalar_t, V>, B * g.N * (C / V), bytes, g, wp, u.data_ptr<T>(),
+                    k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), terms, entering_left.view<T>(),
+                    entering_right.view<T>(), tile_starts.view<T>(), gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(),
+                    gwu[0].data_ptr<T>(), gwu[1].data_ptr<T>());
     });
   });
   const auto gwu_sum = gwu.sum(at::IntArrayRef{1, 2});
