@@ -51,6 +51,29 @@ constexpr double kEmpty = -1e38;                      // m of an empty sum
 template <typename scalar_t>
 using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
+// e^x for x <= 0, as every exponential here is: a term against the largest one it joins. For float, the hardware's
+// exp2 (__expf: ex2.approx of x log2(e)), whose rounding of x log2(e) costs |x| 2^-24 of e^x, at most 2^-24 / e
+// of the largest term, so the sums stay within a few units in the last place of their largest term; for double
+// (gradcheck), exp.
+template <typename T>
+__device__ __forceinline__ T exp_term(T x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return __expf(x);
+  } else {
+    return exp(x);
+  }
+}
+
+// a / b for a denominator b >= 1 (its largest term is 1): for float, __fdividef (2 units in the last place).
+template <typename T>
+__device__ __forceinline__ T divide(T a, T b) {
+  if constexpr (std::is_same_v<T, float>) {
+    return __fdividef(a, b);
+  } else {
+    return a / b;
+  }
+}
+
 // Weights that add e^{x_old} A_old and e^{x_new} A_new scaled by the larger exponential, from d = x_new - x_old:
 // e^{-|d|} for the smaller side, 1 for the larger. One exp instead of two.
 template <typename T>
@@ -58,7 +81,7 @@ struct Weights {
   T old_side, new_side;
   bool new_larger;
   __device__ __forceinline__ static Weights of(T d) {
-    const T e = exp(-abs(d));
+    const T e = exp_term(-abs(d));
     return d > 0 ? Weights{e, T(1), true} : Weights{T(1), e, false};
   }
 };
@@ -146,7 +169,7 @@ template <typename T>
 __device__ __forceinline__ Emitted<T> emit(const Decayed<T>& s, T bonus, T v) {
   const auto e = Weights<T>::of((bonus - s.m) - s.n * s.w);
   const T den = e.old_side * s.b + e.new_side;
-  return {(e.old_side * s.a + e.new_side * v) / den, den, e.new_larger ? bonus : s.scale()};
+  return {divide(e.old_side * s.a + e.new_side * v, den), den, e.new_larger ? bonus : s.scale()};
 }
 
 struct Layout {
@@ -262,7 +285,7 @@ struct GradTerms {  // backward terms: (g_t, -g_t y_t) / den_t
                                             Term<T> (&out)[V]) {
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      const T scale = W == 2 ? 1 / words[W * i + 1] : 1;
+      const T scale = W == 2 ? divide(T(1), words[W * i + 1]) : 1;
       out[i] = {-words[W * i], gt[i] * scale, -gt[i] * yt[i] * scale};
     }
   }
@@ -505,7 +528,7 @@ struct RightGrads {
 
 template <typename T>
 __device__ __forceinline__ RightGrads<T> right_step(Decayed<T>& r, T k, T v, T u, const Term<T>& term) {
-  const T later = exp(k + r.scale()), bonus = exp(u + k + term.x);
+  const T later = exp_term(k + r.scale()), bonus = exp_term(u + k + term.x);
   const T grad_bonus = bonus * (term.va * v + term.vb);
   const RightGrads<T> out{later * (v * r.a + r.b) + grad_bonus, later * r.a + bonus * term.va,
                           later * (v * r.da + r.db), grad_bonus};
@@ -623,9 +646,9 @@ __global__ void __launch_bounds__(kThreads, 2) bi_output(
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           const T bonus = uc[i] + kt[i], right = r[i].scale(), top = max(max(lm[j][i], right), bonus);
-          const T el = exp(lm[j][i] - top), er = exp(right - top), eb = exp(bonus - top);
+          const T el = exp_term(lm[j][i] - top), er = exp_term(right - top), eb = exp_term(bonus - top);
           const T d = el * lb[j][i] + er * r[i].b + eb;
-          out[i] = (el * la[j][i] + er * r[i].a + eb * vt[i]) / d;
+          out[i] = divide(el * la[j][i] + er * r[i].a + eb * vt[i], d);
           if constexpr (kKeepDen) den_words<scalar_t>(top, d, words + W * i);
           r[i].push(kt[i], vt[i], T(1));
         }
@@ -687,7 +710,7 @@ __global__ void __launch_bounds__(kThreads, 2) bi_grad_output(
         load(tile, j, kt, vt, term);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
-          const T earlier = exp(kt[i] + s[i].scale());
+          const T earlier = exp_term(kt[i] + s[i].scale());
           gv_left[j][i] = earlier * s[i].a;
           gk_left[j][i] = earlier * (vt[i] * s[i].a + s[i].b);
           gstep[i] += earlier * (vt[i] * s[i].da + s[i].db);
