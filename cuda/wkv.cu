@@ -416,7 +416,7 @@ __global__ void chunk_summary(Layout g, const T* __restrict__ w, Terms terms, De
   Decayed<T> left[V], right[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) left[i] = right[i] = Decayed<T>::empty(w[th.c0 + i]);
-#pragma unroll(kTwoWay ? 4 : 1)  // more loads in flight: 5% faster two-way, slower one-way (BENCHMARKS.md)
+#pragma unroll(kTwoWay ? 8 : 1)  // more loads in flight: faster two-way (8 over 4: 1-4%), slower one-way
   for (int64_t t = 0, len = g.chunk_len(th.n); t < len; ++t) {
     Term<T> term[V];
     terms.load(base + t * g.C, term);
