@@ -204,16 +204,18 @@ __device__ __forceinline__ void store_pack(scalar_t* p, const T (&in)[V]) {
 // copies_wait<n>() waits until all but the n groups committed last have landed (for this thread's copies).
 template <int kBytes>
 __device__ __forceinline__ void copy_async(void* to, const void* from) {
-  const auto shared = static_cast<unsigned>(__cvta_generic_to_shared(to));
   if constexpr (kBytes == 2) {
     *static_cast<int16_t*>(to) = *static_cast<const int16_t*>(from);
   } else if constexpr (kBytes > 16) {
 #pragma unroll
     for (int i = 0; i < kBytes; i += 16) copy_async<16>(static_cast<char*>(to) + i, static_cast<const char*>(from) + i);
-  } else if constexpr (kBytes == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared), "l"(from));
   } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(shared), "l"(from), "n"(kBytes));
+    const auto shared = static_cast<unsigned>(__cvta_generic_to_shared(to));
+    if constexpr (kBytes == 16) {
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared), "l"(from));
+    } else {
+      asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(shared), "l"(from), "n"(kBytes));
+    }
   }
 }
 __device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;"); }
@@ -598,6 +600,14 @@ struct TokenTerms {  // forward terms: e^{k_t} (v_t, 1)
   }
 };
 
+// The tile passes' staged inputs: k and v (forward); k, v, dL/dwkv and wkv, then the kept den words (backward).
+template <typename scalar_t, int V>
+using TokenStages = Stages<scalar_t, V, 2>;
+template <typename scalar_t, int V>
+using GradStages = Stages<scalar_t, V, 4>;
+template <typename scalar_t, int V>
+using DenStages = Stages<acc_t<scalar_t>, V, 1, kDenWords<scalar_t>>;
+
 template <typename scalar_t, int V, bool kKeepDen>
 __global__ void __launch_bounds__(kThreads, 2) bi_output(
     Layout g, const acc_t<scalar_t>* __restrict__ w, const acc_t<scalar_t>* __restrict__ u,
@@ -606,7 +616,7 @@ __global__ void __launch_bounds__(kThreads, 2) bi_output(
     acc_t<scalar_t>* __restrict__ den) {
   using T = acc_t<scalar_t>;
   extern __shared__ __align__(16) unsigned char staged[];
-  const Stages<scalar_t, V, 2> kv{reinterpret_cast<Pack<scalar_t, V>*>(staged)};
+  const TokenStages<scalar_t, V> kv{reinterpret_cast<Pack<scalar_t, V>*>(staged)};
   const int64_t idx = thread_index();
   if (idx >= g.B * g.N * (g.C / V)) return;
   const ChunkThread th = ChunkThread::of<V>(g, idx);
@@ -667,8 +677,8 @@ __global__ void __launch_bounds__(kThreads, 2) bi_grad_output(
   using T = acc_t<scalar_t>;
   constexpr int W = kDenWords<scalar_t>;
   extern __shared__ __align__(16) unsigned char staged[];
-  const Stages<scalar_t, V, 4> inputs{reinterpret_cast<Pack<scalar_t, V>*>(staged)};  // k, v, dL/dwkv, wkv
-  const Stages<T, V, 1, W> dens{reinterpret_cast<Pack<T, W * V>*>(staged + inputs.kBytesPerThread * blockDim.x)};
+  const GradStages<scalar_t, V> inputs{reinterpret_cast<Pack<scalar_t, V>*>(staged)};
+  const DenStages<scalar_t, V> dens{reinterpret_cast<Pack<T, W * V>*>(staged + inputs.kBytesPerThread * blockDim.x)};
   const auto load = [&](int64_t tile, int j, T (&kt)[V], T (&vt)[V], Term<T> (&term)[V]) {
     T gt[V], yt[V], words[W * V];
     inputs.load(tile, 0, j, kt);
@@ -1018,7 +1028,7 @@ std::tuple<at::Tensor, at::Tensor> biwkv_forward(const at::Tensor& w_, const at:
     with_width<kTileWidth>(C, [&](auto width) {
       constexpr int V = decltype(width)::value;
       with_flag(keep_den, [&](auto keep) {
-        launch_staged(bi_output<scalar_t, V, keep>, B * g.N * (C / V), Stages<scalar_t, V, 2>::kBytesPerThread, g,
+        launch_staged(bi_output<scalar_t, V, keep>, B * g.N * (C / V), TokenStages<scalar_t, V>::kBytesPerThread, g,
                       wp, u.data_ptr<T>(), kp, vp, entering_left.view<T>(), entering_right.view<T>(),
                       tile_starts.view<T>(), y.data_ptr<scalar_t>(), keep ? den.data_ptr<T>() : nullptr);
       });
@@ -1060,8 +1070,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biwkv_backward(
     scan_chunks<T, true>(g, wp, Scan{empty, from_left, entering_left, unused, false}, &right);
     with_width<kTileWidth>(C, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      constexpr size_t bytes = Stages<scalar_t, V, 4>::kBytesPerThread +
-                               Stages<T, V, 1, kDenWords<scalar_t>>::kBytesPerThread;  // as bi_grad_output's
+      constexpr size_t bytes = GradStages<scalar_t, V>::kBytesPerThread + DenStages<scalar_t, V>::kBytesPerThread;
       launch_staged(bi_grad_output<scalar_t, V>, B * g.N * (C / V), bytes, g, wp, u.data_ptr<T>(),
                     k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), terms, entering_left.view<T>(),
                     entering_right.view<T>(), tile_starts.view<T>(), gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(),
