@@ -19,6 +19,7 @@ import importlib.util
 import json
 import statistics
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -139,13 +140,13 @@ def bench_kernels(out_json: str | None = None, official_sources: str | None = No
             w, u = (torch.randn(C, device="cuda", generator=g) * 4 / T for _ in range(2))
             ours = biwkv
         gy = torch.randn_like(k)
-        add("ours", _fwd_bwd(ours, (w, u, k, v), gy) if case.backward else lambda: ours(w, u, k, v))
+        add("ours", _fwd_bwd(ours, (w, u, k, v), gy) if case.backward else partial(ours, w, u, k, v))
         if case.op == "causal" and official is not None:
             add("official (transformers 4.57 kernels/rwkv)", _official_call(official, case, w, u, k, v, gy))
         q, kk, vv = (heads(torch.randn(B, T, C, device="cuda", dtype=torch.bfloat16, generator=g)) for _ in range(3))
         sdpa = lambda *x: F.scaled_dot_product_attention(*x, is_causal=case.op == "causal")  # noqa: E731
         add(f"torch SDPA {'causal' if case.op == 'causal' else 'full'} (bf16)",
-            _fwd_bwd(sdpa, (q, kk, vv), torch.randn_like(q)) if case.backward else lambda: sdpa(q, kk, vv))
+            _fwd_bwd(sdpa, (q, kk, vv), torch.randn_like(q)) if case.backward else partial(sdpa, q, kk, vv))
         del k, v, gy, q, kk, vv
         torch.cuda.empty_cache()
 
