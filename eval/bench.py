@@ -214,7 +214,7 @@ def _matrix_rows(add_row, g: torch.Generator) -> str:
                 name = f"{op} {'fwd+bwd' if backward else 'fwd'} bf16 B{B} T{T} C{C} N{N}"
                 floor = ((3 * tensors + 2) if backward else (tensors + 1)) * B * T * C * dt.itemsize
                 add_row(name, floor, impl, _fwd_bwd(fn, inputs, gy.view_as(inputs[0])) if backward
-                        else lambda fn=fn, inputs=inputs: fn(*inputs))
+                        else partial(fn, *inputs))
     return fla
 
 
