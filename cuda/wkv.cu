@@ -9,13 +9,14 @@
 //
 // Every sum of the form S_n = sum_{i<=n} e^{(n-i)w + x_i} (va_i, vb_i) lives in a Decayed: (a, b) scaled by
 // e^m, m the largest exponent, so nothing overflows; (da, db) is the same sum weighted by the distance n-i,
-// which the gradient of w needs. Sums over consecutive chunks combine exactly (Decayed::then), so each
+// which the gradient of w needs. Sums over consecutive chunks combine exactly (Decayed::then).
+// The causal passes run one direction each, in one launch (decoupled look-back): a block stages its chunk in
+// shared memory, sums it, adds the sums published by the chunks before it, publishes its own, and replays its
+// tokens from shared memory, so every input is read from DRAM once. Bi-WKV needs sums from both sides, so each
 // direction takes three kinds of launch:
 //   summaries: each chunk's sums from an empty start (one thread per batch, chunk, channel);
 //   scans:     the sums entering every chunk, from the left or the right (runs of chunks per batch, channel);
-//   outputs:   each chunk replays its tokens from its entering sums (the causal forward's output threads
-//              combine the summaries before their chunk themselves where rows have few chunks, sparing the
-//              scan's launch). A pass that needs sums from both sides walks register tiles of kSub tokens,
+//   outputs:   each chunk replays its tokens from its entering sums, walking register tiles of kSub tokens,
 //              last tile first: forward through the tile, keeping the per-token values in registers, then
 //              backward through it; each tile's tokens are copied into shared memory (cp.async) while the
 //              tile walked before it is computed.
@@ -23,7 +24,7 @@
 // the causal case has dL/dv_i = e^{k_i} sum_{t>i} e^{(t-1-i)w} alpha_t plus the bonus term; alpha_t carries
 // e^{-P_t}, P_t the largest exponent in den_t, and k_i + (t-1-i)w <= P_t keeps every product <= 1. A forward
 // run for a backward (keep_den) keeps every den_t, so the backward's terms need no forward state: the causal
-// backward walks each chunk once, right to left, and only Bi-WKV's passes walk register tiles.
+// backward walks each chunk right to left, and only Bi-WKV's passes walk register tiles.
 // Inputs are fp32, bf16 or fp16 (fp32 arithmetic) or fp64 (fp64 arithmetic, for gradcheck). Any B, T, C >= 1.
 
 #include <ATen/ATen.h>
@@ -45,7 +46,6 @@ constexpr int64_t kMinChunk = 32;
 constexpr int kScanChunksPerRun = 2;                 // chunks each thread of a chunk scan combines
 constexpr int kSub = 8;                               // tokens per register tile of the two-way passes
 constexpr int64_t kTargetThreads = 1 << 17;           // (batch, chunk, channel group) threads: fastest of 2^16..2^19
-constexpr int64_t kCausalGradThreads = 1 << 16;       // the same for the causal backward: fastest of 2^15..2^18
 constexpr double kEmpty = -1e38;                      // m of an empty sum
 
 template <typename scalar_t>
@@ -141,10 +141,15 @@ struct DecayedArray {
   __device__ __forceinline__ Decayed<T> load(int64_t j, T w) const {
     return {a[j], b[j], kDistance ? da[j] : T(0), kDistance ? db[j] : T(0), m[j], T(0), w};
   }
-  // As load, for a sum that may be absent (a null: the empty sum) or given without distance weights (da, db null).
+  // As load, from L2 (ld.global.cg): a sum another block published while this one ran.
+  template <bool kDistance>
+  __device__ __forceinline__ Decayed<T> load_published(int64_t j, T w) const {
+    return {__ldcg(a + j), __ldcg(b + j), kDistance ? __ldcg(da + j) : T(0), kDistance ? __ldcg(db + j) : T(0),
+            __ldcg(m + j), T(0), w};
+  }
+  // As load, for a sum that may be given without distance weights (da, db null).
   template <bool kDistance>
   __device__ __forceinline__ Decayed<T> load_given(int64_t j, T w) const {
-    if (a == nullptr) return Decayed<T>::empty(w);
     return {a[j], b[j], kDistance && da ? da[j] : T(0), kDistance && db ? db[j] : T(0), m[j], T(0), w};
   }
   template <bool kDistance>
@@ -352,18 +357,17 @@ __device__ __forceinline__ void walk_tiles(const Layout& g, const ChunkThread& t
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Scans over chunks, shared by every pass.
+// Bi-WKV's scans over chunks.
 
-// The sums entering every chunk of one (batch, channel) row from one side, walking the chunks left to right or
-// right to left: `start` is the sum before the first chunk walked, `summaries` each chunk's own sum; the sum
-// after the last chunk goes to `finish`. A block takes kThreads / segments consecutive rows, each in `segments`
-// runs of consecutive chunks: neighbouring threads take neighbouring rows, so every load and store is a whole
-// 32-byte sector (the summaries of one chunk are [B, C] arrays). Each thread combines its run, the runs meet in
-// shared memory, and each thread walks its run again from the sum of the runs before it. Two independent scans
-// (the two sides of Bi-WKV) share a launch: blockIdx.y picks one.
+// The sums entering every chunk of one (batch, channel) row from one side, from an empty start, walking the chunks
+// left to right or right to left through `summaries`, each chunk's own sum. A block takes kThreads / segments
+// consecutive rows, each in `segments` runs of consecutive chunks: neighbouring threads take neighbouring rows, so
+// every load and store is a whole 32-byte sector (the summaries of one chunk are [B, C] arrays). Each thread
+// combines its run, the runs meet in shared memory, and each thread walks its run again from the sum of the runs
+// before it. Two independent scans (the two sides of Bi-WKV) share a launch: blockIdx.y picks one.
 template <typename T>
 struct ScanSide {
-  DecayedArray<T> start, summaries, entering, finish;
+  DecayedArray<T> summaries, entering;
   bool reverse;
 };
 
@@ -374,7 +378,10 @@ __global__ void __launch_bounds__(kThreads) chunk_scan(Layout g, const T* __rest
   const int rows_per_block = kThreads / segments, segment = threadIdx.x / rows_per_block;
   const int64_t row = blockIdx.x * (int64_t)rows_per_block + threadIdx.x % rows_per_block;  // b * C + c
   const bool valid = row < g.B * g.C;
-  const auto& [start, summaries, entering, finish, reverse] = blockIdx.y == 0 ? first_side : second_side;
+  const bool first_launch = blockIdx.y == 0;  // each field picked apart: a picked struct would go to local memory
+  const auto summaries = first_launch ? first_side.summaries : second_side.summaries;
+  const auto entering = first_launch ? first_side.entering : second_side.entering;
+  const bool reverse = first_launch ? first_side.reverse : second_side.reverse;
   const int64_t c = row % g.C, b = row / g.C, per_run = (g.N + segments - 1) / segments;
   const int64_t first = valid ? std::min(g.N, segment * per_run) : g.N, last = std::min(g.N, first + per_run);
   const auto chunk = [&](int64_t i) { return reverse ? g.N - 1 - i : i; };
@@ -393,7 +400,7 @@ __global__ void __launch_bounds__(kThreads) chunk_scan(Layout g, const T* __rest
   for (int i = 0; i < 7; ++i) runs[i][threadIdx.x] = parts[i];
   __syncthreads();
   if (!valid) return;
-  Decayed<T> s = start.template load_given<kDistance>(row, wc);
+  Decayed<T> s = Decayed<T>::empty(wc);
   for (int j = threadIdx.x % rows_per_block; j < threadIdx.x; j += rows_per_block) {  // the runs before this one
     s = s.then(runs[6][j], Decayed<T>{runs[0][j], runs[1][j], runs[2][j], runs[3][j], runs[4][j], runs[5][j], wc});
   }
@@ -402,13 +409,12 @@ __global__ void __launch_bounds__(kThreads) chunk_scan(Layout g, const T* __rest
     entering.template store<kDistance>(index(n), s);
     s = s.then(static_cast<T>(g.chunk_len(n)), summaries.template load<kDistance>(index(n), wc));
   }
-  if (first < last && last == g.N && finish.a != nullptr) finish.template store<kDistance>(row, s);
 }
 
 // Per chunk, from an empty start, for token terms e^{x_t} (va_t, vb_t): the sum seen from the chunk's left edge,
-// token t at distance t, and with kTwoWay the sum pushed left to right (stored at every tile start and at the
-// end). terms.load(o, out) gives the terms of V channels of the token at offset o.
-template <typename T, bool kDistance, bool kTwoWay, int V, typename Terms>
+// token t at distance t, and the sum pushed left to right (stored at every tile start and at the end).
+// terms.load(o, out) gives the terms of V channels of the token at offset o.
+template <typename T, bool kDistance, int V, typename Terms>
 __global__ void chunk_summary(Layout g, const T* __restrict__ w, Terms terms, DecayedArray<T> from_left,
                               DecayedArray<T> from_right, DecayedArray<T> tile_starts) {
   const int64_t idx = thread_index();
@@ -418,87 +424,180 @@ __global__ void chunk_summary(Layout g, const T* __restrict__ w, Terms terms, De
   Decayed<T> left[V], right[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) left[i] = right[i] = Decayed<T>::empty(w[th.c0 + i]);
-#pragma unroll(kTwoWay ? 8 : 1)  // more loads in flight: faster two-way (8 over 4: 1-4%), slower one-way
+#pragma unroll 8  // more loads in flight: 1-4% faster than 4
   for (int64_t t = 0, len = g.chunk_len(th.n); t < len; ++t) {
     Term<T> term[V];
     terms.load(base + t * g.C, term);
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      if constexpr (kTwoWay) {
-        if (t % kSub == 0) tile_starts.template store<kDistance>(th.tile_index(g, t / kSub) + i, left[i]);
-        left[i].push(term[i].x, term[i].va, term[i].vb);
-      }
+      if (t % kSub == 0) tile_starts.template store<kDistance>(th.tile_index(g, t / kSub) + i, left[i]);
+      left[i].push(term[i].x, term[i].va, term[i].vb);
       right[i].add(term[i].x, static_cast<T>(t), term[i].va, term[i].vb);
     }
   }
 #pragma unroll
   for (int i = 0; i < V; ++i) {
-    if constexpr (kTwoWay) from_left.template store<kDistance>(th.chunk_index(g) + i, left[i]);
+    from_left.template store<kDistance>(th.chunk_index(g) + i, left[i]);
     from_right.template store<kDistance>(th.chunk_index(g) + i, right[i]);
   }
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Causal forward.
+// One-pass chunked scans (decoupled look-back: Merrill & Garland, "Single-pass Parallel Prefix Scan with
+// Decoupled Look-back", 2016), for the causal forward (chunks left to right) and backward (right to left).
+// A block takes one chunk of one batch over blockDim.x * V channels (a slice), the chunks in the order the blocks
+// start (a ticket), so a block waits only on blocks that started before it. It copies its chunk's inputs into
+// shared memory, publishes the chunk's own sum, then adds the sums of the chunks before it, nearest first: a
+// chunk's sum through the row's start where that is published (and there it stops), else its own sum. It
+// publishes the sum through its chunk and walks its tokens again from shared memory. Every input is read from
+// DRAM once, and no scan is launched.
 
-template <typename scalar_t, int V>
-__global__ void causal_summary(Layout g, const acc_t<scalar_t>* __restrict__ w, const scalar_t* __restrict__ k,
-                               const scalar_t* __restrict__ v, DecayedArray<acc_t<scalar_t>> summaries) {
-  using T = acc_t<scalar_t>;
-  const int64_t idx = thread_index();
-  if (idx >= g.B * g.N * (g.C / V)) return;
-  const ChunkThread th = ChunkThread::of<V>(g, idx);
-  const int64_t base = th.token_offset(g);
-  Decayed<T> s[V];
-#pragma unroll
-  for (int i = 0; i < V; ++i) s[i] = Decayed<T>::empty(w[th.c0 + i]);
-  for (int64_t t = 0, len = g.chunk_len(th.n); t < len; ++t) {
-    T kt[V], vt[V];
-    load_pack<scalar_t, V>(k + base + t * g.C, kt);
-    load_pack<scalar_t, V>(v + base + t * g.C, vt);
-#pragma unroll
-    for (int i = 0; i < V; ++i) s[i].push(kt[i], vt[i], T(1));
-  }
-#pragma unroll
-  for (int i = 0; i < V; ++i) summaries.template store<false>(th.chunk_index(g) + i, s[i]);
+struct LookBack {
+  int* status;            // per (batch, chunk, slice): 0, then kOwnSum, then kThroughSum
+  unsigned int* tickets;  // blocks started so far
+};
+constexpr int kOwnSum = 1, kThroughSum = 2;
+// One warp a block with 24 KB of staged tokens (nine blocks an SM): faster than 16 or 32 KB, and than 64 or 128
+// threads with 48-96 KB (BENCHMARKS.md, issue 3).
+constexpr int kOnePassThreads = 32;
+constexpr size_t kOnePassBlockBytes = 24 * 1024;
+
+__device__ __forceinline__ int status_acquire(const int* p) {
+  int s;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(s) : "l"(p) : "memory");
+  return s;
+}
+__device__ __forceinline__ void status_release(int* p, int s) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(s) : "memory");
 }
 
-// Each chunk's outputs (and with kKeepDen their denominators) from the state entering it: with kOwnScan, the
-// thread combines the summaries of the chunks before its own from the row's start (which spares the scan's launch
-// where rows have few chunks) and the last chunk's thread stores the state after the last token; else `sums` holds
-// the entering states.
-template <typename scalar_t, int V, bool kOwnScan, bool kKeepDen>
-__global__ void causal_output(Layout g, const acc_t<scalar_t>* __restrict__ w, const acc_t<scalar_t>* __restrict__ u,
-                              const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
-                              DecayedArray<acc_t<scalar_t>> sums, DecayedArray<acc_t<scalar_t>> start,
-                              DecayedArray<acc_t<scalar_t>> finish, scalar_t* __restrict__ y,
-                              acc_t<scalar_t>* __restrict__ den) {
-  using T = acc_t<scalar_t>;
-  const int64_t idx = thread_index();
-  if (idx >= g.B * g.N * (g.C / V)) return;
-  const ChunkThread th = ChunkThread::of<V>(g, idx);
-  const int64_t base = th.token_offset(g), row = th.b * g.C + th.c0;
-  T uc[V];
-  Decayed<T> s[V];
-#pragma unroll
-  for (int i = 0; i < V; ++i) {
-    uc[i] = u[th.c0 + i];
-    s[i] = kOwnScan ? start.template load_given<false>(row + i, w[th.c0 + i])
-                    : sums.template load<false>(th.chunk_index(g) + i, w[th.c0 + i]);
+// A block's chunk in a one-pass launch. `reverse` walks the chunks right to left.
+template <int V>
+struct OnePass {
+  Layout g;
+  LookBack look;
+  int64_t slices, b, n, slice, c0;
+  bool valid, reverse;
+
+  __device__ __forceinline__ static OnePass take(const Layout& g, const LookBack& look, bool reverse) {
+    __shared__ unsigned int ticket;
+    if (threadIdx.x == 0) ticket = atomicAdd(look.tickets, 1u);
+    __syncthreads();
+    const int64_t groups = g.C / V, slices = (groups + blockDim.x - 1) / blockDim.x, per_chunk = g.B * slices;
+    const int64_t walked = ticket / per_chunk, slice = ticket % slices, group = slice * blockDim.x + threadIdx.x;
+    return {g, look, slices, ticket % per_chunk / slices, reverse ? g.N - 1 - walked : walked, slice, group * V,
+            group < groups, reverse};
   }
-  if constexpr (kOwnScan) {
-    for (int64_t n = 0; n < th.n; ++n) {  // chunks before this one are whole
-      const int64_t chunk = (th.b * g.N + n) * g.C + th.c0;
+  __device__ __forceinline__ int64_t len() const { return g.chunk_len(n); }
+  __device__ __forceinline__ int64_t token_offset(int64_t t) const { return (b * g.T + n * g.L + t) * g.C + c0; }
+  __device__ __forceinline__ int64_t chunk_index(int64_t j) const { return (b * g.N + j) * g.C + c0; }
+  __device__ __forceinline__ int64_t row_index() const { return b * g.C + c0; }
+  __device__ __forceinline__ int* status(int64_t j) const { return look.status + (b * g.N + j) * slices + slice; }
+  __device__ __forceinline__ bool walked_first() const { return n == (reverse ? g.N - 1 : 0); }
+  __device__ __forceinline__ bool walked_last() const { return n == (reverse ? 0 : g.N - 1); }
+  // Slot t of a [input][token][thread] array of staged packs.
+  template <typename P>
+  __device__ __forceinline__ P* slot(P* first, int input, int64_t t) const {
+    return first + (input * g.L + t) * blockDim.x + threadIdx.x;
+  }
+
+  // Stores this chunk's sums, then marks them published (every thread of the block calls it).
+  template <bool kDistance, typename T>
+  __device__ __forceinline__ void publish(const DecayedArray<T>& to, const Decayed<T> (&s)[V], int state) const {
+    if (valid) {
 #pragma unroll
-      for (int i = 0; i < V; ++i) s[i] = s[i].then(T(g.L), sums.template load<false>(chunk + i, s[i].w));
+      for (int i = 0; i < V; ++i) to.template store<kDistance>(chunk_index(n) + i, s[i]);
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) status_release(status(n), state);
+  }
+
+  // The sums entering this chunk: those of the chunks walked before it, from `start` (the row's first sums).
+  template <bool kDistance, typename T>
+  __device__ __forceinline__ void look_back(const DecayedArray<T>& own, const DecayedArray<T>& through,
+                                            const DecayedArray<T>& start, const T (&w)[V],
+                                            Decayed<T> (&entering)[V]) const {
+    T between_len = 0;  // entering sums the chunks between this one and j, seen from this chunk's edge
+#pragma unroll
+    for (int i = 0; i < V; ++i) entering[i] = Decayed<T>::empty(w[i]);
+    const int64_t step = reverse ? 1 : -1;
+    for (int64_t j = n + step; j >= 0 && j < g.N; j += step) {
+      int state;
+      while ((state = status_acquire(status(j))) == 0) {
+      }
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const int64_t at = chunk_index(j) + i;
+        const Decayed<T> sum = state == kThroughSum ? through.template load_published<kDistance>(at, w[i])
+                                                    : own.template load_published<kDistance>(at, w[i]);
+        entering[i] = sum.then(between_len, entering[i]);
+      }
+      if (state == kThroughSum) return;
+      between_len += static_cast<T>(g.chunk_len(j));
+    }
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      entering[i] = start.template load_given<kDistance>(row_index() + i, w[i]).then(between_len, entering[i]);
     }
   }
-  for (int64_t t = 0, len = g.chunk_len(th.n); t < len; ++t) {
-    constexpr int W = kDenWords<scalar_t>;
-    const int64_t o = base + t * g.C;
-    T kt[V], vt[V], out[V], words[W * V];
-    load_pack<scalar_t, V>(k + o, kt);
-    load_pack<scalar_t, V>(v + o, vt);
+};
+
+// The causal forward: each chunk's outputs (and with kKeepDen their denominators) from the state entering it;
+// the last chunk's block stores the state after the last token.
+template <typename scalar_t, int V, bool kKeepDen>
+__global__ void __launch_bounds__(kOnePassThreads) causal_forward(
+    Layout g, LookBack look, const acc_t<scalar_t>* __restrict__ w, const acc_t<scalar_t>* __restrict__ u,
+    const scalar_t* __restrict__ k, const scalar_t* __restrict__ v, DecayedArray<acc_t<scalar_t>> start,
+    DecayedArray<acc_t<scalar_t>> own, DecayedArray<acc_t<scalar_t>> through, DecayedArray<acc_t<scalar_t>> finish,
+    scalar_t* __restrict__ y, acc_t<scalar_t>* __restrict__ den) {
+  using T = acc_t<scalar_t>;
+  constexpr int W = kDenWords<scalar_t>;
+  using Tokens = Pack<scalar_t, V>;
+  extern __shared__ __align__(16) unsigned char staged[];
+  const auto chunk = OnePass<V>::take(g, look, false);
+  Tokens* const tokens = reinterpret_cast<Tokens*>(staged);
+  const int64_t len = chunk.len();
+  if (chunk.valid) {
+    for (int64_t t = 0; t < len; ++t) {
+      copy_async<sizeof(Tokens)>(chunk.slot(tokens, 0, t), k + chunk.token_offset(t));
+      copy_async<sizeof(Tokens)>(chunk.slot(tokens, 1, t), v + chunk.token_offset(t));
+    }
+  }
+  copies_commit();
+  T wc[V], uc[V], kt[V], vt[V];
+  Decayed<T> sum[V], s[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    wc[i] = chunk.valid ? w[chunk.c0 + i] : T(0);
+    uc[i] = chunk.valid ? u[chunk.c0 + i] : T(0);
+    sum[i] = Decayed<T>::empty(wc[i]);
+  }
+  copies_wait<0>();
+  if (chunk.valid) {
+    for (int64_t t = 0; t < len; ++t) {
+      load_pack<scalar_t, V>(chunk.slot(tokens, 0, t)->x, kt);
+      load_pack<scalar_t, V>(chunk.slot(tokens, 1, t)->x, vt);
+#pragma unroll
+      for (int i = 0; i < V; ++i) sum[i].push(kt[i], vt[i], T(1));
+    }
+  }
+  if (!chunk.walked_first()) chunk.template publish<false>(own, sum, kOwnSum);
+  if (chunk.valid) chunk.template look_back<false>(own, through, start, wc, s);
+  Decayed<T> total[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) total[i] = s[i].then(static_cast<T>(len), sum[i]);
+  if (!chunk.walked_last()) {
+    chunk.template publish<false>(through, total, kThroughSum);
+  } else if (chunk.valid) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) finish.template store<false>(chunk.row_index() + i, total[i]);
+  }
+  if (!chunk.valid) return;
+  for (int64_t t = 0; t < len; ++t) {
+    T out[V], words[W * V];
+    load_pack<scalar_t, V>(chunk.slot(tokens, 0, t)->x, kt);
+    load_pack<scalar_t, V>(chunk.slot(tokens, 1, t)->x, vt);
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       const Emitted<T> e = emit(s[i], uc[i] + kt[i], vt[i]);
@@ -506,12 +605,9 @@ __global__ void causal_output(Layout g, const acc_t<scalar_t>* __restrict__ w, c
       if constexpr (kKeepDen) den_words<scalar_t>(e.p, e.den, words + W * i);
       s[i].push(kt[i], vt[i], T(1));
     }
+    const int64_t o = chunk.token_offset(t);
     store_pack<scalar_t, V>(y + o, out);
     if constexpr (kKeepDen) store_pack<T, W * V>(den + W * o, words);
-  }
-  if (kOwnScan && th.n == g.N - 1) {
-#pragma unroll
-    for (int i = 0; i < V; ++i) finish.template store<false>(row + i, s[i]);
   }
 }
 
@@ -519,7 +615,8 @@ __global__ void causal_output(Layout g, const acc_t<scalar_t>* __restrict__ w, c
 // Causal backward. R_i = sum_{t>i} e^{(t-1-i)w} (alpha_t, beta_t), plus the final state's gradient as the
 // terms of a token T; dL/dk_i and dL/dv_i read e^{k_i} R_i, dL/dw reads the distance-weighted sums. The forward
 // keeps each token's denominator, so the terms alpha_t, beta_t come from dL/dwkv_t, wkv_t and den_t alone
-// (GradTerms): each chunk's sum of them (chunk_summary), a scan from the right, then this pass.
+// (GradTerms): causal_backward sums them over its chunk, looks back for the sums entering it from the right, then
+// walks its tokens right to left.
 
 // Token t's gradients from r, the sum of the terms after it, and its own term e^x (va, vb) = e^{-p_t}
 // (alpha_t, beta_t); r then takes that term.
@@ -538,34 +635,88 @@ __device__ __forceinline__ RightGrads<T> right_step(Decayed<T>& r, T k, T v, T u
   return out;
 }
 
-// Each chunk's gradients, walking its tokens right to left from the sums entering from the right.
+// The causal backward: each chunk's gradients, walking its tokens right to left from the sums entering from the
+// right; the first chunk's block stores the sums before the first token.
 template <typename scalar_t, int V>
-__global__ void causal_grad_output(Layout g, const acc_t<scalar_t>* __restrict__ w,
-                                   const acc_t<scalar_t>* __restrict__ u, const scalar_t* __restrict__ k,
-                                   const scalar_t* __restrict__ v, GradTerms<scalar_t> terms,
-                                   DecayedArray<acc_t<scalar_t>> entering_right, scalar_t* __restrict__ gk,
-                                   scalar_t* __restrict__ gv, acc_t<scalar_t>* __restrict__ gw,
-                                   acc_t<scalar_t>* __restrict__ gu) {
+__global__ void __launch_bounds__(kOnePassThreads) causal_backward(
+    Layout g, LookBack look, const acc_t<scalar_t>* __restrict__ w, const acc_t<scalar_t>* __restrict__ u,
+    const scalar_t* __restrict__ k, const scalar_t* __restrict__ v, GradTerms<scalar_t> terms,
+    DecayedArray<acc_t<scalar_t>> seed, DecayedArray<acc_t<scalar_t>> own, DecayedArray<acc_t<scalar_t>> through,
+    DecayedArray<acc_t<scalar_t>> before_first, scalar_t* __restrict__ gk, scalar_t* __restrict__ gv,
+    acc_t<scalar_t>* __restrict__ gw, acc_t<scalar_t>* __restrict__ gu) {
   using T = acc_t<scalar_t>;
-  const int64_t idx = thread_index();
-  if (idx >= g.B * g.N * (g.C / V)) return;
-  const ChunkThread th = ChunkThread::of<V>(g, idx);
-  const int64_t base = th.token_offset(g);
-  T uc[V], gw_sum[V], gu_sum[V];
-  Decayed<T> r[V];
+  constexpr int W = kDenWords<scalar_t>;
+  using Tokens = Pack<scalar_t, V>;
+  using Dens = Pack<T, W * V>;
+  extern __shared__ __align__(16) unsigned char staged[];
+  const auto chunk = OnePass<V>::take(g, look, true);
+  // den first (the widest packs), then dL/dwkv, wkv, k, v. Two groups of copies: what the chunk's sum reads, then
+  // k and v, which only the walk reads.
+  Dens* const dens = reinterpret_cast<Dens*>(staged);
+  Tokens* const tokens = reinterpret_cast<Tokens*>(dens + g.L * blockDim.x);
+  const int64_t len = chunk.len();
+  if (chunk.valid) {
+    for (int64_t t = 0; t < len; ++t) {
+      const int64_t o = chunk.token_offset(t);
+      copy_async<sizeof(Dens)>(chunk.slot(dens, 0, t), terms.den + W * o);
+      copy_async<sizeof(Tokens)>(chunk.slot(tokens, 0, t), terms.gy + o);
+      copy_async<sizeof(Tokens)>(chunk.slot(tokens, 1, t), terms.y + o);
+    }
+  }
+  copies_commit();
+  if (chunk.valid) {
+    for (int64_t t = 0; t < len; ++t) {
+      copy_async<sizeof(Tokens)>(chunk.slot(tokens, 2, t), k + chunk.token_offset(t));
+      copy_async<sizeof(Tokens)>(chunk.slot(tokens, 3, t), v + chunk.token_offset(t));
+    }
+  }
+  copies_commit();
+  const auto term_at = [&](int64_t t, Term<T> (&term)[V]) {
+    T gt[V], yt[V], words[W * V];
+    load_pack<scalar_t, V>(chunk.slot(tokens, 0, t)->x, gt);
+    load_pack<scalar_t, V>(chunk.slot(tokens, 1, t)->x, yt);
+    load_pack<T, W * V>(chunk.slot(dens, 0, t)->x, words);
+    GradTerms<scalar_t>::of(gt, yt, words, term);
+  };
+  T wc[V], uc[V];
+  Decayed<T> sum[V], r[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) {
-    uc[i] = u[th.c0 + i];
-    r[i] = entering_right.template load<true>(th.chunk_index(g) + i, w[th.c0 + i]);
-    gw_sum[i] = gu_sum[i] = T(0);
+    wc[i] = chunk.valid ? w[chunk.c0 + i] : T(0);
+    uc[i] = chunk.valid ? u[chunk.c0 + i] : T(0);
+    sum[i] = Decayed<T>::empty(wc[i]);
   }
-  for (int64_t t = g.chunk_len(th.n) - 1; t >= 0; --t) {
-    const int64_t o = base + t * g.C;
+  copies_wait<1>();
+  if (chunk.valid) {
+    for (int64_t t = 0; t < len; ++t) {
+      Term<T> term[V];
+      term_at(t, term);
+#pragma unroll
+      for (int i = 0; i < V; ++i) sum[i].add(term[i].x, static_cast<T>(t), term[i].va, term[i].vb);
+    }
+  }
+  if (!chunk.walked_first()) chunk.template publish<true>(own, sum, kOwnSum);
+  if (chunk.valid) chunk.template look_back<true>(own, through, seed, wc, r);
+  Decayed<T> total[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) total[i] = r[i].then(static_cast<T>(len), sum[i]);
+  if (!chunk.walked_last()) {
+    chunk.template publish<true>(through, total, kThroughSum);
+  } else if (chunk.valid) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) before_first.template store<true>(chunk.row_index() + i, total[i]);
+  }
+  copies_wait<0>();
+  if (!chunk.valid) return;
+  T gw_sum[V], gu_sum[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) gw_sum[i] = gu_sum[i] = T(0);
+  for (int64_t t = len - 1; t >= 0; --t) {
     T kt[V], vt[V], gk_out[V], gv_out[V];
     Term<T> term[V];
-    load_pack<scalar_t, V>(k + o, kt);
-    load_pack<scalar_t, V>(v + o, vt);
-    terms.load(o, term);
+    term_at(t, term);
+    load_pack<scalar_t, V>(chunk.slot(tokens, 2, t)->x, kt);
+    load_pack<scalar_t, V>(chunk.slot(tokens, 3, t)->x, vt);
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       const RightGrads<T> d = right_step(r[i], kt[i], vt[i], uc[i], term[i]);
@@ -573,13 +724,14 @@ __global__ void causal_grad_output(Layout g, const acc_t<scalar_t>* __restrict__
       gw_sum[i] += d.gstep;
       gu_sum[i] += d.gbonus;
     }
+    const int64_t o = chunk.token_offset(t);
     store_pack<scalar_t, V>(gk + o, gk_out);
     store_pack<scalar_t, V>(gv + o, gv_out);
   }
 #pragma unroll
   for (int i = 0; i < V; ++i) {
-    gw[th.chunk_index(g) + i] = gw_sum[i];
-    gu[th.chunk_index(g) + i] = gu_sum[i];
+    gw[chunk.chunk_index(chunk.n) + i] = gw_sum[i];
+    gu[chunk.chunk_index(chunk.n) + i] = gu_sum[i];
   }
 }
 
@@ -776,7 +928,7 @@ Layout make_layout(int64_t B, int64_t T, int64_t C, int64_t group, int64_t threa
 
 // Channels per thread: the widest of 4, 2, 1 that divides C and is at most `widest`. More channels give each
 // thread independent recurrences to overlap and wider loads; the register tiles of the two-way passes take 2, and
-// so does the causal forward that keeps its denominators (measured faster there).
+// so do the one-pass causal kernels, whose staged chunks would be half as long at 4 (slower: BENCHMARKS.md).
 constexpr int kMaxWidth = 4, kTileWidth = 2;
 int channel_width(int64_t C, int widest) { return widest >= 4 && C % 4 == 0 ? 4 : widest >= 2 && C % 2 == 0 ? 2 : 1; }
 
@@ -799,8 +951,7 @@ void with_width(int64_t C, F&& launch) {
 }
 
 // Storage for decayed sums: five arrays (a, b, da, db, m), each [B, rows, C]. An undefined array is a null
-// pointer in the view: no a is the empty sum (or, where a scan would store its final sum, nobody reads it);
-// no da, db are zero distance weights (see DecayedArray::load_given).
+// pointer in the view: no da, db are zero distance weights (see DecayedArray::load_given).
 struct DecayedStorage {
   at::Tensor a, b, da, db, m;
   template <typename T>
@@ -846,14 +997,14 @@ void check_tokens(const char* op, const at::Tensor& w, const at::Tensor& u, std:
 
 at::Tensor as_arithmetic(const at::Tensor& t, at::ScalarType type) { return t.to(type).contiguous(); }
 
-// A scan over chunks: from `start` through the chunks' `summaries` (right to left when `reverse`), the sums
-// `entering` every chunk and the sum after the last one (`finish`).
+// A scan over chunks: through the chunks' `summaries` (right to left when `reverse`), the sums `entering` every
+// chunk.
 struct Scan {
-  const DecayedStorage &start, &summaries, &entering, &finish;
+  const DecayedStorage &summaries, &entering;
   bool reverse;
   template <typename T>
   ScanSide<T> side() const {
-    return {start.view<T>(), summaries.view<T>(), entering.view<T>(), finish.view<T>(), reverse};
+    return {summaries.view<T>(), entering.view<T>(), reverse};
   }
 };
 
@@ -869,22 +1020,36 @@ void scan_chunks(const Layout& g, const T* w, const Scan& first, const Scan* sec
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Each chunk's own sums from an empty start (the causal forward's first pass).
-template <typename scalar_t>
-DecayedStorage causal_summaries(const Layout& g, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v) {
-  using T = acc_t<scalar_t>;
-  const auto summaries = decayed_storage(g.B, g.N, g.C, w.options());
-  with_width<kMaxWidth>(g.C, [&](auto width) {
-    constexpr int V = decltype(width)::value;
-    causal_summary<scalar_t, V><<<blocks_for(g.B * g.N * (g.C / V)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        g, w.data_ptr<T>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), summaries.view<T>());
-  });
-  return summaries;
-}
+// A one-pass launch (causal_forward, causal_backward) at V channels a thread and token_bytes of staged inputs per
+// token and channel: chunks as long as kOnePassBlockBytes hold, the published sums, and the zeroed status words
+// and ticket.
+struct OnePassLaunch {
+  Layout g;
+  int64_t blocks;
+  int bytes;  // of shared memory a block
+  DecayedStorage own, through;
+  at::Tensor look;  // the ticket, then the status words
 
-// Whether the causal forward's output threads combine the summaries before their chunk themselves: where those
-// combines are at most a quarter of a chunk's tokens.
-bool own_scan(const Layout& g) { return 4 * g.N <= g.L; }
+  OnePassLaunch(int64_t B, int64_t T, int64_t C, int V, size_t token_bytes, const at::TensorOptions& opts) {
+    const size_t block_token_bytes = kOnePassThreads * V * token_bytes;
+    const int64_t L = std::max<int64_t>(1, std::min<int64_t>(T, kOnePassBlockBytes / block_token_bytes));
+    g = Layout{B, T, C, L, (T + L - 1) / L};
+    bytes = static_cast<int>(L * block_token_bytes);
+    blocks = B * g.N * ((C / V + kOnePassThreads - 1) / kOnePassThreads);
+    own = decayed_storage(B, g.N, C, opts);
+    through = decayed_storage(B, g.N, C, opts);
+    look = at::zeros({blocks + 1}, opts.dtype(at::kInt));
+  }
+  LookBack view() const {
+    int* words = look.data_ptr<int>();
+    return {words + 1, reinterpret_cast<unsigned int*>(words)};
+  }
+  template <typename Kernel, typename... Args>
+  void operator()(Kernel kernel, const Args&... args) const {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    kernel<<<blocks, kOnePassThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(g, view(), args...);
+  }
+};
 
 // The shape of the denominators a forward keeps for its backward (see kDenWords).
 std::vector<int64_t> den_shape(const at::Tensor& k) {
@@ -916,27 +1081,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_forw
   const auto type = arithmetic_type(k_.scalar_type());
   const auto opts = k_.options().dtype(type);
   const auto w = as_arithmetic(w_, type), u = as_arithmetic(u_, type), k = k_.contiguous(), v = v_.contiguous();
-  const Layout g = make_layout(B, T, C, channel_width(C, kMaxWidth), kTargetThreads);
   const auto start = decayed_from(as_arithmetic(aa_, type), as_arithmetic(bb_, type), as_arithmetic(pp_, type));
   const DecayedStorage finish{at::empty({B, C}, opts), at::empty({B, C}, opts), {}, {}, at::empty({B, C}, opts)};
   auto y = at::empty_like(k);
   auto den = kept_den(k, keep_den, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "wkv4_forward", [&] {
     using T = acc_t<scalar_t>;
-    const auto summaries = causal_summaries<scalar_t>(g, w, k, v);
-    const bool own = own_scan(g);
-    const auto sums = own ? summaries : decayed_storage(B, g.N, C, opts);  // the summaries, or the entering states
-    if (!own) scan_chunks<T, false>(g, w.data_ptr<T>(), Scan{start, summaries, sums, finish, false});
-    // Keeping the denominators, 2 channels a thread are faster than 4 (BENCHMARKS.md, issue 3); without, 4.
     with_flag(keep_den, [&](auto keep) {
-      with_width<keep ? kTileWidth : kMaxWidth>(C, [&](auto width) {
+      with_width<kTileWidth>(C, [&](auto width) {
         constexpr int V = decltype(width)::value;
-        const auto launch = [&](auto kernel) {
-          kernel<<<blocks_for(B * g.N * (C / V)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              g, w.data_ptr<T>(), u.data_ptr<T>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), sums.view<T>(),
-              start.view<T>(), finish.view<T>(), y.data_ptr<scalar_t>(), keep ? den.data_ptr<T>() : nullptr);
-        };
-        with_flag(own, [&](auto own_scan) { launch(causal_output<scalar_t, V, own_scan, keep>); });
+        const OnePassLaunch launch(B, k.size(1), C, V, 2 * sizeof(scalar_t), opts);
+        launch(causal_forward<scalar_t, V, keep>, w.data_ptr<T>(), u.data_ptr<T>(), k.data_ptr<scalar_t>(),
+               v.data_ptr<scalar_t>(), start.view<T>(), launch.own.view<T>(), launch.through.view<T>(),
+               finish.view<T>(), y.data_ptr<scalar_t>(), keep ? den.data_ptr<T>() : nullptr);
       });
     });
   });
@@ -960,30 +1117,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto k = k_.contiguous(), v = v_.contiguous(), y = y_.contiguous(), gy = gy_.contiguous();
   const auto den = den_.contiguous();
   const auto aa = as_arithmetic(aa_, type), bb = as_arithmetic(bb_, type), pp = as_arithmetic(pp_, type);
-  const Layout g = make_layout(B, T, C, channel_width(C, kMaxWidth), kCausalGradThreads);
-  const auto from_right = decayed_storage(B, g.N, C, opts), entering_right = decayed_storage(B, g.N, C, opts);
   const auto seed = decayed_from(as_arithmetic(gaa, type), as_arithmetic(gbb, type), as_arithmetic(-pp_out, type));
   const auto before_first = decayed_storage(B, 1, C, opts);
-  const DecayedStorage unused;  // the summary's left sums and tile starts
   auto gk = at::empty_like(k), gv = at::empty_like(v);
-  // Per-chunk w and u gradients side by side, so that one reduction sums both.
-  const auto gwu = at::empty({2, B, g.N, C}, opts);
+  at::Tensor gwu;  // per-chunk w and u gradients side by side, so that one reduction sums both
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "wkv4_backward", [&] {
     using T = acc_t<scalar_t>;
-    auto stream = at::cuda::getCurrentCUDAStream();
-    const T* wp = w.data_ptr<T>();
-    const GradTerms<scalar_t> terms{gy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), den.data_ptr<T>()};
-    with_width<kMaxWidth>(C, [&](auto width) {
+    with_width<kTileWidth>(C, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      chunk_summary<T, true, false, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
-          g, wp, terms, unused.view<T>(), from_right.view<T>(), unused.view<T>());
-    });
-    scan_chunks<T, true>(g, wp, Scan{seed, from_right, entering_right, before_first, true});
-    with_width<kMaxWidth>(C, [&](auto width) {
-      constexpr int V = decltype(width)::value;
-      causal_grad_output<scalar_t, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
-          g, wp, u.data_ptr<T>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), terms, entering_right.view<T>(),
-          gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(), gwu[0].data_ptr<T>(), gwu[1].data_ptr<T>());
+      const OnePassLaunch launch(B, k.size(1), C, V, 4 * sizeof(scalar_t) + kDenWords<scalar_t> * sizeof(T), opts);
+      gwu = at::empty({2, B, launch.g.N, C}, opts);
+      launch(causal_backward<scalar_t, V>, w.data_ptr<T>(), u.data_ptr<T>(), k.data_ptr<scalar_t>(),
+             v.data_ptr<scalar_t>(),
+             GradTerms<scalar_t>{gy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), den.data_ptr<T>()}, seed.view<T>(),
+             launch.own.view<T>(), launch.through.view<T>(), before_first.view<T>(), gk.data_ptr<scalar_t>(),
+             gv.data_ptr<scalar_t>(), gwu[0].data_ptr<T>(), gwu[1].data_ptr<T>());
     });
   });
   // The state in (aa, bb, pp) stands for e^pp (aa, bb), which reaches token t as e^{tw} e^pp (aa, bb): its
@@ -1010,7 +1158,6 @@ std::tuple<at::Tensor, at::Tensor> biwkv_forward(const at::Tensor& w_, const at:
   const auto from_left = decayed_storage(B, g.N, C, opts), from_right = decayed_storage(B, g.N, C, opts);
   const auto entering_left = decayed_storage(B, g.N, C, opts), entering_right = decayed_storage(B, g.N, C, opts);
   const auto tile_starts = decayed_storage(B, g.N * g.tiles(), C, opts);
-  const DecayedStorage empty, unused;  // no sums before the first chunk; the sums after the last unread
   auto y = at::empty_like(k);
   auto den = kept_den(k, keep_den, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "biwkv_forward", [&] {
@@ -1020,11 +1167,11 @@ std::tuple<at::Tensor, at::Tensor> biwkv_forward(const at::Tensor& w_, const at:
     const scalar_t *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
     with_width<kMaxWidth>(C, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      chunk_summary<T, false, true, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
+      chunk_summary<T, false, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
           g, wp, TokenTerms<scalar_t>{kp, vp}, from_left.view<T>(), from_right.view<T>(), tile_starts.view<T>());
     });
-    const Scan right{empty, from_right, entering_right, unused, true};
-    scan_chunks<T, false>(g, wp, Scan{empty, from_left, entering_left, unused, false}, &right);
+    const Scan right{from_right, entering_right, true};
+    scan_chunks<T, false>(g, wp, Scan{from_left, entering_left, false}, &right);
     with_width<kTileWidth>(C, [&](auto width) {
       constexpr int V = decltype(width)::value;
       with_flag(keep_den, [&](auto keep) {
@@ -1053,7 +1200,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biwkv_backward(
   const auto from_left = decayed_storage(B, g.N, C, opts), from_right = decayed_storage(B, g.N, C, opts);
   const auto entering_left = decayed_storage(B, g.N, C, opts), entering_right = decayed_storage(B, g.N, C, opts);
   const auto tile_starts = decayed_storage(B, g.N * g.tiles(), C, opts);
-  const DecayedStorage empty, unused;  // no sums before the first chunk; the sums after the last unread
   auto gk = at::empty_like(k), gv = at::empty_like(v);
   const auto gwu = at::empty({2, B, g.N, C}, opts);  // as in wkv4_backward
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "biwkv_backward", [&] {
@@ -1063,11 +1209,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biwkv_backward(
     const GradTerms<scalar_t> terms{gy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), den.data_ptr<T>()};
     with_width<kMaxWidth>(C, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      chunk_summary<T, true, true, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
+      chunk_summary<T, true, V><<<blocks_for(B * g.N * (C / V)), kThreads, 0, stream>>>(
           g, wp, terms, from_left.view<T>(), from_right.view<T>(), tile_starts.view<T>());
     });
-    const Scan right{empty, from_right, entering_right, unused, true};
-    scan_chunks<T, true>(g, wp, Scan{empty, from_left, entering_left, unused, false}, &right);
+    const Scan right{from_right, entering_right, true};
+    scan_chunks<T, true>(g, wp, Scan{from_left, entering_left, false}, &right);
     with_width<kTileWidth>(C, [&](auto width) {
       constexpr int V = decltype(width)::value;
       constexpr size_t bytes = GradStages<scalar_t, V>::kBytesPerThread + DenStages<scalar_t, V>::kBytesPerThread;
