@@ -513,6 +513,26 @@ struct OnePass {
     if (threadIdx.x == 0) status_release(status(n), state);
   }
 
+  // Joins this chunk to its row's scan: publishes its own sum `sum`, looks back for the sums `entering` it, and
+  // publishes the sums through it, or for the chunk walked last stores them in `after` (indexed by row). Every
+  // thread of the block calls it.
+  template <bool kDistance, typename T>
+  __device__ __forceinline__ void join(const DecayedArray<T>& own, const DecayedArray<T>& through,
+                                       const DecayedArray<T>& start, const DecayedArray<T>& after, const T (&w)[V],
+                                       const Decayed<T> (&sum)[V], Decayed<T> (&entering)[V]) const {
+    if (!walked_first()) publish<kDistance>(own, sum, kOwnSum);
+    if (valid) look_back<kDistance>(own, through, start, w, entering);
+    Decayed<T> total[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) total[i] = entering[i].then(static_cast<T>(len()), sum[i]);
+    if (!walked_last()) {
+      publish<kDistance>(through, total, kThroughSum);
+    } else if (valid) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) after.template store<kDistance>(row_index() + i, total[i]);
+    }
+  }
+
   // The sums entering this chunk: those of the chunks walked before it, from `start` (the row's first sums).
   template <bool kDistance, typename T>
   __device__ __forceinline__ void look_back(const DecayedArray<T>& own, const DecayedArray<T>& through,
@@ -582,17 +602,7 @@ __global__ void __launch_bounds__(kOnePassThreads) causal_forward(
       for (int i = 0; i < V; ++i) sum[i].push(kt[i], vt[i], T(1));
     }
   }
-  if (!chunk.walked_first()) chunk.template publish<false>(own, sum, kOwnSum);
-  if (chunk.valid) chunk.template look_back<false>(own, through, start, wc, s);
-  Decayed<T> total[V];
-#pragma unroll
-  for (int i = 0; i < V; ++i) total[i] = s[i].then(static_cast<T>(len), sum[i]);
-  if (!chunk.walked_last()) {
-    chunk.template publish<false>(through, total, kThroughSum);
-  } else if (chunk.valid) {
-#pragma unroll
-    for (int i = 0; i < V; ++i) finish.template store<false>(chunk.row_index() + i, total[i]);
-  }
+  chunk.template join<false>(own, through, start, finish, wc, sum, s);
   if (!chunk.valid) return;
   for (int64_t t = 0; t < len; ++t) {
     T out[V], words[W * V];
@@ -695,17 +705,7 @@ __global__ void __launch_bounds__(kOnePassThreads) causal_backward(
       for (int i = 0; i < V; ++i) sum[i].add(term[i].x, static_cast<T>(t), term[i].va, term[i].vb);
     }
   }
-  if (!chunk.walked_first()) chunk.template publish<true>(own, sum, kOwnSum);
-  if (chunk.valid) chunk.template look_back<true>(own, through, seed, wc, r);
-  Decayed<T> total[V];
-#pragma unroll
-  for (int i = 0; i < V; ++i) total[i] = r[i].then(static_cast<T>(len), sum[i]);
-  if (!chunk.walked_last()) {
-    chunk.template publish<true>(through, total, kThroughSum);
-  } else if (chunk.valid) {
-#pragma unroll
-    for (int i = 0; i < V; ++i) before_first.template store<true>(chunk.row_index() + i, total[i]);
-  }
+  chunk.template join<true>(own, through, seed, before_first, wc, sum, r);
   copies_wait<0>();
   if (!chunk.valid) return;
   T gw_sum[V], gu_sum[V];
