@@ -1020,9 +1020,9 @@ void scan_chunks(const Layout& g, const T* w, const Scan& first, const Scan* sec
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// A one-pass launch (causal_forward, causal_backward) at V channels a thread and token_bytes of staged inputs per
-// token and channel: chunks as long as kOnePassBlockBytes hold, the published sums, and the zeroed status words
-// and ticket.
+// A one-pass launch (causal_forward, causal_backward) over k's [B, T, C] tokens at V channels a thread and
+// token_bytes of staged inputs per token and channel: chunks as long as kOnePassBlockBytes hold, the published sums,
+// and the zeroed status words and ticket.
 struct OnePassLaunch {
   Layout g;
   int64_t blocks;
@@ -1030,7 +1030,8 @@ struct OnePassLaunch {
   DecayedStorage own, through;
   at::Tensor look;  // the ticket, then the status words
 
-  OnePassLaunch(int64_t B, int64_t T, int64_t C, int V, size_t token_bytes, const at::TensorOptions& opts) {
+  OnePassLaunch(const at::Tensor& k, int V, size_t token_bytes, const at::TensorOptions& opts) {
+    const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
     const size_t block_token_bytes = kOnePassThreads * V * token_bytes;
     const int64_t L = std::max<int64_t>(1, std::min<int64_t>(T, kOnePassBlockBytes / block_token_bytes));
     g = Layout{B, T, C, L, (T + L - 1) / L};
@@ -1073,7 +1074,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_forw
     const at::Tensor& w_, const at::Tensor& u_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& aa_,
     const at::Tensor& bb_, const at::Tensor& pp_, bool keep_den) {
   check_tokens("wkv4_forward", w_, u_, {k_, v_});
-  const int64_t B = k_.size(0), T = k_.size(1), C = k_.size(2);
+  const int64_t B = k_.size(0), C = k_.size(2);
   for (const auto* s : {&aa_, &bb_, &pp_}) {
     TORCH_CHECK(s->dim() == 2 && s->size(0) == B && s->size(1) == C, "wkv4_forward: state tensors must be [B, C]");
   }
@@ -1090,7 +1091,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_forw
     with_flag(keep_den, [&](auto keep) {
       with_width<kTileWidth>(C, [&](auto width) {
         constexpr int V = decltype(width)::value;
-        const OnePassLaunch launch(B, k.size(1), C, V, 2 * sizeof(scalar_t), opts);
+        const OnePassLaunch launch(k, V, 2 * sizeof(scalar_t), opts);
         launch(causal_forward<scalar_t, V, keep>, w.data_ptr<T>(), u.data_ptr<T>(), k.data_ptr<scalar_t>(),
                v.data_ptr<scalar_t>(), start.view<T>(), launch.own.view<T>(), launch.through.view<T>(),
                finish.view<T>(), y.data_ptr<scalar_t>(), keep ? den.data_ptr<T>() : nullptr);
@@ -1108,7 +1109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& bb_, const at::Tensor& pp_, const at::Tensor& pp_out, const at::Tensor& y_,
     const at::Tensor& den_, const at::Tensor& gy_, const at::Tensor& gaa, const at::Tensor& gbb) {
   check_tokens("wkv4_backward", w_, u_, {k_, v_, y_, gy_});
-  const int64_t B = k_.size(0), T = k_.size(1), C = k_.size(2);
+  const int64_t B = k_.size(0), C = k_.size(2);
   const c10::cuda::CUDAGuard guard(k_.device());
   const auto type = arithmetic_type(k_.scalar_type());
   const auto opts = k_.options().dtype(type);
@@ -1125,7 +1126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using T = acc_t<scalar_t>;
     with_width<kTileWidth>(C, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      const OnePassLaunch launch(B, k.size(1), C, V, 4 * sizeof(scalar_t) + kDenWords<scalar_t> * sizeof(T), opts);
+      const OnePassLaunch launch(k, V, 4 * sizeof(scalar_t) + kDenWords<scalar_t> * sizeof(T), opts);
       gwu = at::empty({2, B, launch.g.N, C}, opts);
       launch(causal_backward<scalar_t, V>, w.data_ptr<T>(), u.data_ptr<T>(), k.data_ptr<scalar_t>(),
              v.data_ptr<scalar_t>(),
