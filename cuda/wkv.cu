@@ -457,10 +457,12 @@ struct LookBack {
   unsigned int* tickets;  // blocks started so far
 };
 constexpr int kOwnSum = 1, kThroughSum = 2;
-// One warp a block with 24 KB of staged tokens (nine blocks an SM): faster than 16 or 32 KB, and than 64 or 128
-// threads with 48-96 KB (BENCHMARKS.md, issue 3).
+// One warp a block with 24 KB of staged tokens (nine blocks an SM): of 16, 24 and 32 KB the fastest forward+backward
+// (16 KB: the forward up to 2% faster, the backward 10-14% slower), and faster than 64 or 128 threads with 48-96 KB
+// (BENCHMARKS.md, issue 3). At most 48 KB a block needs no opt-in (cudaFuncSetAttribute) before each launch.
 constexpr int kOnePassThreads = 32;
 constexpr size_t kOnePassBlockBytes = 24 * 1024;
+static_assert(kOnePassBlockBytes <= 48 * 1024, "one-pass blocks launch without raising the shared-memory limit");
 
 __device__ __forceinline__ int status_acquire(const int* p) {
   int s;
@@ -1036,6 +1038,8 @@ struct OnePassLaunch {
     const int64_t L = std::max<int64_t>(1, std::min<int64_t>(T, kOnePassBlockBytes / block_token_bytes));
     g = Layout{B, T, C, L, (T + L - 1) / L};
     bytes = static_cast<int>(L * block_token_bytes);
+    TORCH_INTERNAL_ASSERT(bytes <= static_cast<int>(kOnePassBlockBytes), "one-pass chunk of ", std::to_string(bytes),
+                          " bytes");
     blocks = B * g.N * ((C / V + kOnePassThreads - 1) / kOnePassThreads);
     own = decayed_storage(B, g.N, C, opts);
     through = decayed_storage(B, g.N, C, opts);
@@ -1047,7 +1051,6 @@ struct OnePassLaunch {
   }
   template <typename Kernel, typename... Args>
   void operator()(Kernel kernel, const Args&... args) const {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     kernel<<<blocks, kOnePassThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(g, view(), args...);
   }
 };
