@@ -74,18 +74,27 @@ def _register_wkv_rules() -> None:
     from .wkv import _compute_dtype  # the kernels' arithmetic dtype: float64 for float64 inputs, else float32
 
     def kept_den(k, keep_den):
-        """The denominators a forward keeps for its backward: (exponent, scaled denominator) pairs for 32- and
-        64-bit inputs, the log for 16-bit ones (kDenWords in cuda/wkv.cu); nothing without keep_den."""
+        """The denominators a Bi-WKV forward keeps for its backward: (exponent, scaled denominator) pairs for 32-
+        and 64-bit inputs, the log for 16-bit ones (kDenWords in cuda/wkv.cu); nothing without keep_den."""
         words = 2 if k.element_size() >= 4 else 1
         return torch.empty((*k.shape, words) if keep_den else (0,), dtype=_compute_dtype(k), device=k.device)
 
+    def kept_states(k, keep_states):
+        """The states a causal forward keeps for its backward: (a, b, scale) of the state entering every span of
+        kStateSpan tokens (cuda/wkv.cu: 64 // element size, 32 for 16-bit inputs), [3, B, spans, C]."""
+        B, T, C = k.shape
+        span = 64 // k.element_size()
+        shape = (3, B, -(-T // span), C) if keep_states else (0,)
+        return torch.empty(shape, dtype=_compute_dtype(k), device=k.device)
+
     @torch.library.register_fake("zoo::wkv4_forward")
-    def _(w, u, k, v, aa, bb, pp, keep_den):
+    def _(w, u, k, v, aa, bb, pp, keep_states):
         state = torch.empty(aa.shape, dtype=_compute_dtype(k), device=k.device)
-        return torch.empty_like(k), state, torch.empty_like(state), torch.empty_like(state), kept_den(k, keep_den)
+        states = kept_states(k, keep_states)
+        return torch.empty_like(k), state, torch.empty_like(state), torch.empty_like(state), states
 
     @torch.library.register_fake("zoo::wkv4_backward")
-    def _(w, u, k, v, aa, bb, pp, pp_out, y, den, gy, gaa, gbb):
+    def _(w, u, k, v, aa, bb, pp, pp_out, states, gy, gaa, gbb):
         wu = torch.empty(w.shape, dtype=_compute_dtype(k), device=k.device)
         state = torch.empty(aa.shape, dtype=_compute_dtype(k), device=k.device)
         return (wu, torch.empty_like(wu), torch.empty_like(k), torch.empty_like(v), state, torch.empty_like(state),
@@ -101,24 +110,24 @@ def _register_wkv_rules() -> None:
         return wu, torch.empty_like(wu), torch.empty_like(k), torch.empty_like(v)
 
     def wkv4_setup(ctx, inputs, output):
-        ctx.keep_den = inputs[7]
-        ctx.set_materialize_grads(False)  # no zero gradient for den (see biwkv_setup)
-        y, _, _, pp_out, den = output
-        ctx.save_for_backward(*inputs[:7], pp_out, y, den)
+        ctx.keep_states = inputs[7]
+        ctx.set_materialize_grads(False)  # no zero gradient for the kept states (see biwkv_setup)
+        _, _, _, pp_out, states = output
+        ctx.save_for_backward(*inputs[:7], pp_out, states)
 
-    def wkv4_backward(ctx, gy, gaa, gbb, _gpp, _gden):
-        """pp is a normalisation (see wkv4_backward in cuda/wkv.cu) and den is kept by the forward for this
-        backward: neither has a gradient of its own."""
-        if not ctx.keep_den:
-            raise _kept_nothing("wkv4_forward")
-        w, u, k, v, aa, bb, pp, pp_out, y, den = ctx.saved_tensors
+    def wkv4_backward(ctx, gy, gaa, gbb, _gpp, _gstates):
+        """pp is a normalisation (see wkv4_backward in cuda/wkv.cu) and the states are kept by the forward for
+        this backward: neither has a gradient of its own."""
+        if not ctx.keep_states:
+            raise _kept_nothing("wkv4_forward", "keep_states")
+        w, u, k, v, aa, bb, pp, pp_out, states = ctx.saved_tensors
         if gy is None and gaa is None and gbb is None:
             return (None,) * 8
         gy = torch.zeros_like(k) if gy is None else gy.to(k.dtype)
         gaa = torch.zeros_like(aa) if gaa is None else gaa
         gbb = torch.zeros_like(bb) if gbb is None else gbb
-        gw, gu, gk, gv, g_aa, g_bb, g_pp = torch.ops.zoo.wkv4_backward(w, u, k, v, aa, bb, pp, pp_out, y, den, gy,
-                                                                       gaa, gbb)
+        gw, gu, gk, gv, g_aa, g_bb, g_pp = torch.ops.zoo.wkv4_backward(w, u, k, v, aa, bb, pp, pp_out, states,
+                                                                       gy, gaa, gbb)
         return (gw.to(w.dtype), gu.to(u.dtype), gk, gv, g_aa.to(aa.dtype), g_bb.to(bb.dtype), g_pp.to(pp.dtype),
                 None)
 
@@ -239,7 +248,8 @@ def serves(*tokens: torch.Tensor, extension: str = "wkv") -> bool:
 
 
 def keeps_for_backward(*inputs: torch.Tensor) -> bool:
-    """Whether a forward op should keep what its backward reads (keep_den, keep_sa): autograd will differentiate it."""
+    """Whether a forward op should keep what its backward reads (keep_states, keep_den, keep_sa): autograd will
+    differentiate it."""
     return torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
 
 

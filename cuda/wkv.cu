@@ -22,9 +22,10 @@
 //              tile walked before it is computed.
 // Gradients are the same sums run the other way. With alpha_t = dL/dwkv_t / den_t and beta_t = -alpha_t wkv_t,
 // the causal case has dL/dv_i = e^{k_i} sum_{t>i} e^{(t-1-i)w} alpha_t plus the bonus term; alpha_t carries
-// e^{-P_t}, P_t the largest exponent in den_t, and k_i + (t-1-i)w <= P_t keeps every product <= 1. A forward
-// run for a backward (keep_den) keeps every den_t, so the backward's terms need no forward state: the causal
-// backward walks each chunk right to left, and only Bi-WKV's passes walk register tiles.
+// e^{-P_t}, P_t the largest exponent in den_t, and k_i + (t-1-i)w <= P_t keeps every product <= 1. A Bi-WKV
+// forward run for a backward (keep_den) keeps every den_t, so its backward's terms need no forward state; a causal
+// one (keep_states) keeps only the state entering every span of kStateSpan tokens, and the causal backward replays
+// each span's forward in shared memory before walking it right to left. Only Bi-WKV's passes walk register tiles.
 // Inputs are fp32, bf16 or fp16 (fp32 arithmetic) or fp64 (fp64 arithmetic, for gradcheck). Any B, T, C >= 1.
 
 #include <ATen/ATen.h>
@@ -264,11 +265,12 @@ struct Term {
   T x, va, vb;  // a token's term e^x (va, vb)
 };
 
-// Each token's denominator den_t, kept by a forward for its backward, where alpha_t = dL/dwkv_t / den_t: for
-// fp32/fp64 inputs as the pair (p_t, d_t), den_t = e^{p_t} d_t, so that the backward's term exponent -p_t is an
-// exact float (log den_t rounded to fp32, at |log den_t| ~ 20, would put every term off by 1e-6, and the signed
-// sums of the gradients amplify that); for 16-bit inputs, whose gradients need 1e-2, as log den_t in fp32, half
-// the bytes, taken with the fast __logf, whose error (a few units in the last place) is far below that.
+// Each token's denominator den_t (kept by a Bi-WKV forward, replayed by the causal backward), where
+// alpha_t = dL/dwkv_t / den_t: for fp32/fp64 inputs as the pair (p_t, d_t), den_t = e^{p_t} d_t, so that the
+// backward's term exponent -p_t is an exact float (log den_t rounded to fp32, at |log den_t| ~ 20, would put every
+// term off by 1e-6, and the signed sums of the gradients amplify that); for 16-bit inputs, whose gradients need
+// 1e-2, as log den_t in fp32, half the bytes, taken with the fast __logf, whose error (a few units in the last place)
+// is far below that.
 template <typename scalar_t>
 constexpr int kDenWords = sizeof(scalar_t) >= 4 ? 2 : 1;
 
@@ -463,6 +465,15 @@ constexpr int kOwnSum = 1, kThroughSum = 2;
 constexpr int kOnePassThreads = 32;
 constexpr size_t kOnePassBlockBytes = 24 * 1024;
 static_assert(kOnePassBlockBytes <= 48 * 1024, "one-pass blocks launch without raising the shared-memory limit");
+constexpr int kTileWidth = 2;  // channels a thread in the one-pass kernels and the tile passes (see channel_width)
+
+// The causal backward's chunks: spans of kStateSpan tokens, as many as a block holds at kTileWidth channels a thread
+// with kBackwardTokenBytes per token and channel (dL/dwkv, k, v and the replayed wkv in the input dtype, and den_t).
+// A forward run for a backward (keep_states) keeps the state entering every span (32 tokens for 16-bit inputs).
+template <typename scalar_t>
+constexpr size_t kBackwardTokenBytes = 4 * sizeof(scalar_t) + kDenWords<scalar_t> * sizeof(acc_t<scalar_t>);
+template <typename scalar_t>
+constexpr int64_t kStateSpan = kOnePassBlockBytes / (kOnePassThreads * kTileWidth * kBackwardTokenBytes<scalar_t>);
 
 __device__ __forceinline__ int status_acquire(const int* p) {
   int s;
@@ -565,17 +576,18 @@ struct OnePass {
   }
 };
 
-// The causal forward: each chunk's outputs (and with kKeepDen their denominators) from the state entering it;
-// the last chunk's block stores the state after the last token.
-template <typename scalar_t, int V, bool kKeepDen>
+// The causal forward: each chunk's outputs from the state entering it, and with kKeepStates the state entering each
+// of its spans (into `states`, [B, spans, C]); the last chunk's block stores the state after the last token. A chunk
+// is whole spans long (or the whole row).
+template <typename scalar_t, int V, bool kKeepStates>
 __global__ void __launch_bounds__(kOnePassThreads) causal_forward(
     Layout g, LookBack look, const acc_t<scalar_t>* __restrict__ w, const acc_t<scalar_t>* __restrict__ u,
     const scalar_t* __restrict__ k, const scalar_t* __restrict__ v, DecayedArray<acc_t<scalar_t>> start,
     DecayedArray<acc_t<scalar_t>> own, DecayedArray<acc_t<scalar_t>> through, DecayedArray<acc_t<scalar_t>> finish,
-    scalar_t* __restrict__ y, acc_t<scalar_t>* __restrict__ den) {
+    scalar_t* __restrict__ y, DecayedArray<acc_t<scalar_t>> states) {
   using T = acc_t<scalar_t>;
-  constexpr int W = kDenWords<scalar_t>;
   using Tokens = Pack<scalar_t, V>;
+  constexpr int64_t span = kStateSpan<scalar_t>;
   extern __shared__ __align__(16) unsigned char staged[];
   const auto chunk = OnePass<V>::take(g, look, false);
   Tokens* const tokens = reinterpret_cast<Tokens*>(staged);
@@ -607,28 +619,31 @@ __global__ void __launch_bounds__(kOnePassThreads) causal_forward(
   chunk.template join<false>(own, through, start, finish, wc, sum, s);
   if (!chunk.valid) return;
   for (int64_t t = 0; t < len; ++t) {
-    T out[V], words[W * V];
+    const int64_t at = chunk.n * g.L + t;
+    if (kKeepStates && at % span == 0) {
+      const int64_t row_start = chunk.b * ((g.T + span - 1) / span);
+#pragma unroll
+      for (int i = 0; i < V; ++i) states.template store<false>((row_start + at / span) * g.C + chunk.c0 + i, s[i]);
+    }
+    T out[V];
     load_pack<scalar_t, V>(chunk.slot(tokens, 0, t)->x, kt);
     load_pack<scalar_t, V>(chunk.slot(tokens, 1, t)->x, vt);
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      const Emitted<T> e = emit(s[i], uc[i] + kt[i], vt[i]);
-      out[i] = e.y;
-      if constexpr (kKeepDen) den_words<scalar_t>(e.p, e.den, words + W * i);
+      out[i] = emit(s[i], uc[i] + kt[i], vt[i]).y;
       s[i].push(kt[i], vt[i], T(1));
     }
-    const int64_t o = chunk.token_offset(t);
-    store_pack<scalar_t, V>(y + o, out);
-    if constexpr (kKeepDen) store_pack<T, W * V>(den + W * o, words);
+    store_pack<scalar_t, V>(y + chunk.token_offset(t), out);
   }
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // Causal backward. R_i = sum_{t>i} e^{(t-1-i)w} (alpha_t, beta_t), plus the final state's gradient as the
-// terms of a token T; dL/dk_i and dL/dv_i read e^{k_i} R_i, dL/dw reads the distance-weighted sums. The forward
-// keeps each token's denominator, so the terms alpha_t, beta_t come from dL/dwkv_t, wkv_t and den_t alone
-// (GradTerms): causal_backward sums them over its chunk, looks back for the sums entering it from the right, then
-// walks its tokens right to left.
+// terms of a token T; dL/dk_i and dL/dv_i read e^{k_i} R_i, dL/dw reads the distance-weighted sums. The terms
+// alpha_t, beta_t come from dL/dwkv_t, wkv_t and den_t (GradTerms). causal_backward's chunks are the forward's spans:
+// it replays its span's forward from the state the forward kept for it, for wkv_t and den_t (reading neither from
+// DRAM), sums the terms over the span, looks back for the sums entering it from the right, then walks its tokens
+// right to left.
 
 // Token t's gradients from r, the sum of the terms after it, and its own term e^x (va, vb) = e^{-p_t}
 // (alpha_t, beta_t); r then takes that term.
@@ -647,60 +662,69 @@ __device__ __forceinline__ RightGrads<T> right_step(Decayed<T>& r, T k, T v, T u
   return out;
 }
 
-// The causal backward: each chunk's gradients, walking its tokens right to left from the sums entering from the
-// right; the first chunk's block stores the sums before the first token.
+// The causal backward: each span's gradients, walking its tokens right to left from the sums entering from the
+// right; the first span's block stores the sums before the first token.
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kOnePassThreads) causal_backward(
     Layout g, LookBack look, const acc_t<scalar_t>* __restrict__ w, const acc_t<scalar_t>* __restrict__ u,
-    const scalar_t* __restrict__ k, const scalar_t* __restrict__ v, GradTerms<scalar_t> terms,
-    DecayedArray<acc_t<scalar_t>> seed, DecayedArray<acc_t<scalar_t>> own, DecayedArray<acc_t<scalar_t>> through,
-    DecayedArray<acc_t<scalar_t>> before_first, scalar_t* __restrict__ gk, scalar_t* __restrict__ gv,
-    acc_t<scalar_t>* __restrict__ gw, acc_t<scalar_t>* __restrict__ gu) {
+    const scalar_t* __restrict__ k, const scalar_t* __restrict__ v, const scalar_t* __restrict__ gy,
+    DecayedArray<acc_t<scalar_t>> states, DecayedArray<acc_t<scalar_t>> seed, DecayedArray<acc_t<scalar_t>> own,
+    DecayedArray<acc_t<scalar_t>> through, DecayedArray<acc_t<scalar_t>> before_first, scalar_t* __restrict__ gk,
+    scalar_t* __restrict__ gv, acc_t<scalar_t>* __restrict__ gw, acc_t<scalar_t>* __restrict__ gu) {
   using T = acc_t<scalar_t>;
   constexpr int W = kDenWords<scalar_t>;
   using Tokens = Pack<scalar_t, V>;
   using Dens = Pack<T, W * V>;
   extern __shared__ __align__(16) unsigned char staged[];
   const auto chunk = OnePass<V>::take(g, look, true);
-  // den first (the widest packs), then dL/dwkv, wkv, k, v. Two groups of copies: what the chunk's sum reads, then
-  // k and v, which only the walk reads.
+  // den first (the widest packs), then dL/dwkv, k, v (copied in) and wkv; the replay writes den and wkv.
+  enum { kGrad, kKey, kValue, kWkv };
   Dens* const dens = reinterpret_cast<Dens*>(staged);
   Tokens* const tokens = reinterpret_cast<Tokens*>(dens + g.L * blockDim.x);
   const int64_t len = chunk.len();
   if (chunk.valid) {
     for (int64_t t = 0; t < len; ++t) {
       const int64_t o = chunk.token_offset(t);
-      copy_async<sizeof(Dens)>(chunk.slot(dens, 0, t), terms.den + W * o);
-      copy_async<sizeof(Tokens)>(chunk.slot(tokens, 0, t), terms.gy + o);
-      copy_async<sizeof(Tokens)>(chunk.slot(tokens, 1, t), terms.y + o);
+      copy_async<sizeof(Tokens)>(chunk.slot(tokens, kGrad, t), gy + o);
+      copy_async<sizeof(Tokens)>(chunk.slot(tokens, kKey, t), k + o);
+      copy_async<sizeof(Tokens)>(chunk.slot(tokens, kValue, t), v + o);
     }
   }
   copies_commit();
-  if (chunk.valid) {
-    for (int64_t t = 0; t < len; ++t) {
-      copy_async<sizeof(Tokens)>(chunk.slot(tokens, 2, t), k + chunk.token_offset(t));
-      copy_async<sizeof(Tokens)>(chunk.slot(tokens, 3, t), v + chunk.token_offset(t));
-    }
-  }
-  copies_commit();
+  const auto load = [&](int input, int64_t t, T (&out)[V]) {
+    load_pack<scalar_t, V>(chunk.slot(tokens, input, t)->x, out);
+  };
   const auto term_at = [&](int64_t t, Term<T> (&term)[V]) {
     T gt[V], yt[V], words[W * V];
-    load_pack<scalar_t, V>(chunk.slot(tokens, 0, t)->x, gt);
-    load_pack<scalar_t, V>(chunk.slot(tokens, 1, t)->x, yt);
+    load(kGrad, t, gt);
+    load(kWkv, t, yt);
     load_pack<T, W * V>(chunk.slot(dens, 0, t)->x, words);
     GradTerms<scalar_t>::of(gt, yt, words, term);
   };
   T wc[V], uc[V];
-  Decayed<T> sum[V], r[V];
+  Decayed<T> sum[V], r[V], s[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     wc[i] = chunk.valid ? w[chunk.c0 + i] : T(0);
     uc[i] = chunk.valid ? u[chunk.c0 + i] : T(0);
     sum[i] = Decayed<T>::empty(wc[i]);
+    s[i] = chunk.valid ? states.template load<false>(chunk.chunk_index(chunk.n) + i, wc[i]) : sum[i];
   }
-  copies_wait<1>();
+  copies_wait<0>();
   if (chunk.valid) {
     for (int64_t t = 0; t < len; ++t) {
+      T kt[V], vt[V], out[V], words[W * V];
+      load(kKey, t, kt);
+      load(kValue, t, vt);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const Emitted<T> e = emit(s[i], uc[i] + kt[i], vt[i]);
+        out[i] = e.y;
+        den_words<scalar_t>(e.p, e.den, words + W * i);
+        s[i].push(kt[i], vt[i], T(1));
+      }
+      store_pack<scalar_t, V>(chunk.slot(tokens, kWkv, t)->x, out);
+      store_pack<T, W * V>(chunk.slot(dens, 0, t)->x, words);
       Term<T> term[V];
       term_at(t, term);
 #pragma unroll
@@ -708,7 +732,6 @@ __global__ void __launch_bounds__(kOnePassThreads) causal_backward(
     }
   }
   chunk.template join<true>(own, through, seed, before_first, wc, sum, r);
-  copies_wait<0>();
   if (!chunk.valid) return;
   T gw_sum[V], gu_sum[V];
 #pragma unroll
@@ -717,8 +740,8 @@ __global__ void __launch_bounds__(kOnePassThreads) causal_backward(
     T kt[V], vt[V], gk_out[V], gv_out[V];
     Term<T> term[V];
     term_at(t, term);
-    load_pack<scalar_t, V>(chunk.slot(tokens, 2, t)->x, kt);
-    load_pack<scalar_t, V>(chunk.slot(tokens, 3, t)->x, vt);
+    load(kKey, t, kt);
+    load(kValue, t, vt);
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       const RightGrads<T> d = right_step(r[i], kt[i], vt[i], uc[i], term[i]);
@@ -931,7 +954,7 @@ Layout make_layout(int64_t B, int64_t T, int64_t C, int64_t group, int64_t threa
 // Channels per thread: the widest of 4, 2, 1 that divides C and is at most `widest`. More channels give each
 // thread independent recurrences to overlap and wider loads; the register tiles of the two-way passes take 2, and
 // so do the one-pass causal kernels, whose staged chunks would be half as long at 4 (slower: BENCHMARKS.md).
-constexpr int kMaxWidth = 4, kTileWidth = 2;
+constexpr int kMaxWidth = 4;
 int channel_width(int64_t C, int widest) { return widest >= 4 && C % 4 == 0 ? 4 : widest >= 2 && C % 2 == 0 ? 2 : 1; }
 
 // Calls f(std::bool_constant<flag>{}): a run-time flag as a template argument.
@@ -1022,9 +1045,9 @@ void scan_chunks(const Layout& g, const T* w, const Scan& first, const Scan* sec
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// A one-pass launch (causal_forward, causal_backward) over k's [B, T, C] tokens at V channels a thread and
-// token_bytes of staged inputs per token and channel: chunks as long as kOnePassBlockBytes hold, the published sums,
-// and the zeroed status words and ticket.
+// A one-pass launch (causal_forward, causal_backward) over k's [B, T, C] tokens at V channels a thread, in chunks
+// of L tokens (or one of T) with token_bytes of staged inputs per token and channel: the published sums, and the
+// zeroed status words and ticket.
 struct OnePassLaunch {
   Layout g;
   int64_t blocks;
@@ -1032,12 +1055,11 @@ struct OnePassLaunch {
   DecayedStorage own, through;
   at::Tensor look;  // the ticket, then the status words
 
-  OnePassLaunch(const at::Tensor& k, int V, size_t token_bytes, const at::TensorOptions& opts) {
+  OnePassLaunch(const at::Tensor& k, int V, int64_t L, size_t token_bytes, const at::TensorOptions& opts) {
     const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
-    const size_t block_token_bytes = kOnePassThreads * V * token_bytes;
-    const int64_t L = std::max<int64_t>(1, std::min<int64_t>(T, kOnePassBlockBytes / block_token_bytes));
+    L = std::min(T, L);
     g = Layout{B, T, C, L, (T + L - 1) / L};
-    bytes = static_cast<int>(L * block_token_bytes);
+    bytes = static_cast<int>(L * kOnePassThreads * V * token_bytes);
     TORCH_INTERNAL_ASSERT(bytes <= static_cast<int>(kOnePassBlockBytes), "one-pass chunk of ", std::to_string(bytes),
                           " bytes");
     blocks = B * g.N * ((C / V + kOnePassThreads - 1) / kOnePassThreads);
@@ -1055,7 +1077,7 @@ struct OnePassLaunch {
   }
 };
 
-// The shape of the denominators a forward keeps for its backward (see kDenWords).
+// The shape of the denominators a Bi-WKV forward keeps for its backward (see kDenWords).
 std::vector<int64_t> den_shape(const at::Tensor& k) {
   const int64_t words = k.element_size() >= 4 ? 2 : 1;
   return {k.size(0), k.size(1), k.size(2), words};
@@ -1065,17 +1087,27 @@ at::Tensor kept_den(const at::Tensor& k, bool keep_den, const at::TensorOptions&
   return keep_den ? at::empty(den_shape(k), opts) : at::empty({0}, opts);
 }
 
-void check_den(const char* op, const at::Tensor& den, const at::Tensor& k, at::ScalarType type) {
-  TORCH_CHECK(den.sizes() == at::IntArrayRef(den_shape(k)) && den.scalar_type() == type, op, ": den must be ",
-              dims(den_shape(k)), " ", type, " (the forward's, with keep_den), got ", dims(den.sizes()), " ",
-              den.scalar_type());
+// The shape of the states a causal forward keeps for its backward: a, b and m (the sum's scale) of the state entering
+// every span of kStateSpan tokens, [3, B, spans, C].
+std::vector<int64_t> states_shape(const at::Tensor& k) {
+  const int64_t span = AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "states_shape",
+                                                       [&] { return kStateSpan<scalar_t>; });
+  return {3, k.size(0), (k.size(1) + span - 1) / span, k.size(2)};
 }
 
-// wkv, the state after the last token (aa, bb, pp) and, when keep_den, the denominators the backward needs (else
-// an empty tensor).
+// What a backward reads from its forward (`what`, kept with `flag`) must have the forward's shape and dtype.
+void check_kept(const char* op, const char* what, const char* flag, const at::Tensor& kept,
+                const std::vector<int64_t>& shape, at::ScalarType type) {
+  TORCH_CHECK(kept.sizes() == at::IntArrayRef(shape) && kept.scalar_type() == type, op, ": ", what, " must be ",
+              dims(shape), " ", type, " (the forward's, with ", flag, "), got ", dims(kept.sizes()), " ",
+              kept.scalar_type());
+}
+
+// wkv, the state after the last token (aa, bb, pp) and, when keep_states, the states the backward starts its spans
+// from (states_shape; else an empty tensor).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_forward(
     const at::Tensor& w_, const at::Tensor& u_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& aa_,
-    const at::Tensor& bb_, const at::Tensor& pp_, bool keep_den) {
+    const at::Tensor& bb_, const at::Tensor& pp_, bool keep_states) {
   check_tokens("wkv4_forward", w_, u_, {k_, v_});
   const int64_t B = k_.size(0), C = k_.size(2);
   for (const auto* s : {&aa_, &bb_, &pp_}) {
@@ -1088,20 +1120,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_forw
   const auto start = decayed_from(as_arithmetic(aa_, type), as_arithmetic(bb_, type), as_arithmetic(pp_, type));
   const DecayedStorage finish{at::empty({B, C}, opts), at::empty({B, C}, opts), {}, {}, at::empty({B, C}, opts)};
   auto y = at::empty_like(k);
-  auto den = kept_den(k, keep_den, opts);
+  const auto states = keep_states ? at::empty(states_shape(k), opts) : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "wkv4_forward", [&] {
     using T = acc_t<scalar_t>;
-    with_flag(keep_den, [&](auto keep) {
+    const auto kept = keep_states ? decayed_from(states[0], states[1], states[2]).view<T>() : DecayedArray<T>{};
+    with_flag(keep_states, [&](auto keep) {
       with_width<kTileWidth>(C, [&](auto width) {
         constexpr int V = decltype(width)::value;
-        const OnePassLaunch launch(k, V, 2 * sizeof(scalar_t), opts);
+        constexpr size_t token_bytes = 2 * sizeof(scalar_t);  // k and v
+        constexpr int64_t span = kStateSpan<scalar_t>, L = kOnePassBlockBytes / (kOnePassThreads * V * token_bytes);
+        static_assert(L >= span, "a forward chunk holds at least one span");
+        const OnePassLaunch launch(k, V, L / span * span, token_bytes, opts);
         launch(causal_forward<scalar_t, V, keep>, w.data_ptr<T>(), u.data_ptr<T>(), k.data_ptr<scalar_t>(),
                v.data_ptr<scalar_t>(), start.view<T>(), launch.own.view<T>(), launch.through.view<T>(),
-               finish.view<T>(), y.data_ptr<scalar_t>(), keep ? den.data_ptr<T>() : nullptr);
+               finish.view<T>(), y.data_ptr<scalar_t>(), kept);
       });
     });
   });
-  return {y, finish.a, finish.b, finish.m, den};
+  return {y, finish.a, finish.b, finish.m, states};
 }
 
 // Gradients of wkv4_forward. The output pp is a normalisation (the state stands for e^pp (aa, bb)): its
@@ -1109,17 +1145,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_forw
 // call (which differentiates pp_in that way) and the wkv outputs do.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_backward(
     const at::Tensor& w_, const at::Tensor& u_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& aa_,
-    const at::Tensor& bb_, const at::Tensor& pp_, const at::Tensor& pp_out, const at::Tensor& y_,
-    const at::Tensor& den_, const at::Tensor& gy_, const at::Tensor& gaa, const at::Tensor& gbb) {
-  check_tokens("wkv4_backward", w_, u_, {k_, v_, y_, gy_});
+    const at::Tensor& bb_, const at::Tensor& pp_, const at::Tensor& pp_out, const at::Tensor& states_,
+    const at::Tensor& gy_, const at::Tensor& gaa, const at::Tensor& gbb) {
+  check_tokens("wkv4_backward", w_, u_, {k_, v_, gy_});
   const int64_t B = k_.size(0), C = k_.size(2);
   const c10::cuda::CUDAGuard guard(k_.device());
   const auto type = arithmetic_type(k_.scalar_type());
   const auto opts = k_.options().dtype(type);
-  check_den("wkv4_backward", den_, k_, type);
+  check_kept("wkv4_backward", "states", "keep_states", states_, states_shape(k_), type);
   const auto w = as_arithmetic(w_, type), u = as_arithmetic(u_, type);
-  const auto k = k_.contiguous(), v = v_.contiguous(), y = y_.contiguous(), gy = gy_.contiguous();
-  const auto den = den_.contiguous();
+  const auto k = k_.contiguous(), v = v_.contiguous(), gy = gy_.contiguous(), states = states_.contiguous();
   const auto aa = as_arithmetic(aa_, type), bb = as_arithmetic(bb_, type), pp = as_arithmetic(pp_, type);
   const auto seed = decayed_from(as_arithmetic(gaa, type), as_arithmetic(gbb, type), as_arithmetic(-pp_out, type));
   const auto before_first = decayed_storage(B, 1, C, opts);
@@ -1129,13 +1164,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using T = acc_t<scalar_t>;
     with_width<kTileWidth>(C, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      const OnePassLaunch launch(k, V, 4 * sizeof(scalar_t) + kDenWords<scalar_t> * sizeof(T), opts);
+      const OnePassLaunch launch(k, V, kStateSpan<scalar_t>, kBackwardTokenBytes<scalar_t>, opts);
       gwu = at::empty({2, B, launch.g.N, C}, opts);
       launch(causal_backward<scalar_t, V>, w.data_ptr<T>(), u.data_ptr<T>(), k.data_ptr<scalar_t>(),
-             v.data_ptr<scalar_t>(),
-             GradTerms<scalar_t>{gy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), den.data_ptr<T>()}, seed.view<T>(),
-             launch.own.view<T>(), launch.through.view<T>(), before_first.view<T>(), gk.data_ptr<scalar_t>(),
-             gv.data_ptr<scalar_t>(), gwu[0].data_ptr<T>(), gwu[1].data_ptr<T>());
+             v.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), decayed_from(states[0], states[1], states[2]).view<T>(),
+             seed.view<T>(), launch.own.view<T>(), launch.through.view<T>(), before_first.view<T>(),
+             gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(), gwu[0].data_ptr<T>(), gwu[1].data_ptr<T>());
     });
   });
   // The state in (aa, bb, pp) stands for e^pp (aa, bb), which reaches token t as e^{tw} e^pp (aa, bb): its
@@ -1196,7 +1230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biwkv_backward(
   const c10::cuda::CUDAGuard guard(k_.device());
   const auto type = arithmetic_type(k_.scalar_type());
   const auto opts = k_.options().dtype(type);
-  check_den("biwkv_backward", den_, k_, type);
+  check_kept("biwkv_backward", "den", "keep_den", den_, den_shape(k_), type);
   const auto step = as_arithmetic(-w_, type), u = as_arithmetic(u_, type);
   const auto k = k_.contiguous(), v = v_.contiguous(), y = y_.contiguous(), gy = gy_.contiguous();
   const auto den = den_.contiguous();
@@ -1234,10 +1268,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> biwkv_backward(
 }  // namespace
 
 TORCH_LIBRARY(zoo, m) {
-  m.def("wkv4_forward(Tensor w, Tensor u, Tensor k, Tensor v, Tensor aa, Tensor bb, Tensor pp, bool keep_den) "
+  m.def("wkv4_forward(Tensor w, Tensor u, Tensor k, Tensor v, Tensor aa, Tensor bb, Tensor pp, bool keep_states) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("wkv4_backward(Tensor w, Tensor u, Tensor k, Tensor v, Tensor aa, Tensor bb, Tensor pp, Tensor pp_out, "
-        "Tensor y, Tensor den, Tensor gy, Tensor gaa, Tensor gbb) "
+        "Tensor states, Tensor gy, Tensor gaa, Tensor gbb) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("biwkv_forward(Tensor w, Tensor u, Tensor k, Tensor v, bool keep_den) -> (Tensor, Tensor)");
   m.def("biwkv_backward(Tensor w, Tensor u, Tensor k, Tensor v, Tensor y, Tensor den, Tensor gy) "

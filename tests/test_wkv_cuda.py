@@ -285,31 +285,38 @@ def test_biwkv_extreme_inputs():
         assert torch.isfinite(a).all() and rel_err(a, b) <= 5e-5
 
 
-@pytest.mark.parametrize("dtype,words", [(torch.float32, 2), (torch.bfloat16, 1)])
-def test_inference_keeps_no_denominators(dtype, words):
-    """Without keep_den the forwards write no denominators; with it, (exponent, scaled denominator) pairs for fp32
-    and the log for 16-bit inputs, per token and channel. The two builds of a kernel may round differently."""
+@pytest.mark.parametrize("dtype,words,span", [(torch.float32, 2, 16), (torch.bfloat16, 1, 32)])
+def test_inference_keeps_nothing_for_a_backward(dtype, words, span):
+    """Without keep_den / keep_states the forwards write nothing for a backward. With keep_den Bi-WKV keeps
+    (exponent, scaled denominator) pairs for fp32 and the log for 16-bit inputs, per token and channel; with
+    keep_states the causal forward keeps the state entering every span of tokens, which the fake kernel's shape
+    (torch.compile) must match. The two builds of a kernel may round differently."""
     w, u, k, v = (x.cuda() for x in biwkv_inputs(2, 100, 6))
     k, v = k.to(dtype), v.to(dtype)
     y, den = torch.ops.zoo.biwkv_forward(w, u, k, v, False)
     y_kept, den_kept = torch.ops.zoo.biwkv_forward(w, u, k, v, True)
     assert den.numel() == 0 and rel_err(y, y_kept) <= 1e-6 and den_kept.shape == (2, 100, 6, words)
     s = torch.zeros(2, 6, device="cuda")
-    y, *_, den = torch.ops.zoo.wkv4_forward(-w.exp(), u, k, v, s, s, s - 1e38, False)
-    y_kept, *_, den_kept = torch.ops.zoo.wkv4_forward(-w.exp(), u, k, v, s, s, s - 1e38, True)
-    assert den.numel() == 0 and rel_err(y, y_kept) <= 1e-6 and den_kept.shape == (2, 100, 6, words)
+    args = (-w.exp(), u, k, v, s, s, s - 1e38)
+    y, *_, states = torch.ops.zoo.wkv4_forward(*args, False)
+    y_kept, *_, states_kept = torch.ops.zoo.wkv4_forward(*args, True)
+    with torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True):
+        fake_states = torch.ops.zoo.wkv4_forward(*args, True)[4]
+    spans = -(-100 // span)
+    assert states.numel() == 0 and rel_err(y, y_kept) <= 1e-6
+    assert states_kept.shape == fake_states.shape == (3, 2, spans, 6) and states_kept.dtype == torch.float32
 
 
 def test_backward_after_a_forward_that_kept_nothing_is_an_error():
-    """A forward called with keep_den=False (inference) has nothing for a backward: the autograd rule says so
-    instead of running the backward kernel on an empty den."""
+    """A forward called with keep_den=False or keep_states=False (inference) has nothing for a backward: the autograd
+    rule says so instead of running the backward kernel on an empty den."""
     w, u, k, v = (x.cuda().requires_grad_() for x in biwkv_inputs(1, 5, 3))
     y, _ = torch.ops.zoo.biwkv_forward(w, u, k, v, False)
     with pytest.raises(RuntimeError, match="zoo::biwkv_forward ran with keep_den=False"):
         y.sum().backward()
     s = torch.zeros(1, 3, device="cuda")
     y, *_ = torch.ops.zoo.wkv4_forward(-w.exp(), u, k, v, s, s, s - 1e38, False)
-    with pytest.raises(RuntimeError, match="zoo::wkv4_forward ran with keep_den=False"):
+    with pytest.raises(RuntimeError, match="zoo::wkv4_forward ran with keep_states=False"):
         y.sum().backward()
 
 
@@ -382,9 +389,10 @@ calls = {
     "w and u must have C = 4 elements": lambda: forward(w[:3], u, k, v, s, s, s, False),
     "state tensors must be [B, C]": lambda: forward(w, u, k, v, s[:, :2], s, s, False),
     "B, T and C must be >= 1, got [1, 0, 4]": lambda: torch.ops.zoo.biwkv_forward(w, u, k[:, :0], v[:, :0], False),
-    "wkv4_backward: den must be [1, 3, 4, 2] Float (the forward's, with keep_den), got [0]":
-        lambda: torch.ops.zoo.wkv4_backward(w, u, k, v, s, s, s, s, k, forward(w, u, k, v, s, s, s, False)[4], k, s, s),
-    "biwkv_backward: den must be [1, 3, 4, 2] Float": lambda: torch.ops.zoo.biwkv_backward(w, u, k, v, k, k, k),
+    "wkv4_backward: states must be [3, 1, 1, 4] Float (the forward's, with keep_states), got [0]":
+        lambda: torch.ops.zoo.wkv4_backward(w, u, k, v, s, s, s, s, forward(w, u, k, v, s, s, s, False)[4], k, s, s),
+    "biwkv_backward: den must be [1, 3, 4, 2] Float (the forward's, with keep_den), got [1, 3, 4]":
+        lambda: torch.ops.zoo.biwkv_backward(w, u, k, v, k, k, k),
 }
 for expected, call in calls.items():
     try:
