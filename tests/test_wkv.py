@@ -203,8 +203,8 @@ def test_compiled_code_decides_the_kernel_path_at_trace_time(monkeypatch):
 
 
 def test_forwards_keep_for_backward_only_what_autograd_will_read():
-    """keep_den / keep_sa: the kernels' forwards keep what their backward reads only when grad mode is on and some
-    input requires grad, so inference writes nothing extra."""
+    """keep_states / keep_den / keep_sa: the kernels' forwards keep what their backward reads only when grad mode is
+    on and some input requires grad, so inference writes nothing extra."""
     from blocks import wkv_cuda
 
     x, leaf = torch.ones(2), torch.ones(2, requires_grad=True)
