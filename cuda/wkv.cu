@@ -527,23 +527,17 @@ struct OnePass {
   }
 
   // Joins this chunk to its row's scan: publishes its own sum `sum`, looks back for the sums `entering` it, and
-  // publishes the sums through it, or for the chunk walked last stores them in `after` (indexed by row). Every
-  // thread of the block calls it.
+  // publishes the sums through it, `total` (for the chunk walked last, the whole row's, which the caller keeps).
+  // Every thread of the block calls it.
   template <bool kDistance, typename T>
   __device__ __forceinline__ void join(const DecayedArray<T>& own, const DecayedArray<T>& through,
-                                       const DecayedArray<T>& start, const DecayedArray<T>& after, const T (&w)[V],
-                                       const Decayed<T> (&sum)[V], Decayed<T> (&entering)[V]) const {
+                                       const DecayedArray<T>& start, const T (&w)[V], const Decayed<T> (&sum)[V],
+                                       Decayed<T> (&entering)[V], Decayed<T> (&total)[V]) const {
     if (!walked_first()) publish<kDistance>(own, sum, kOwnSum);
     if (valid) look_back<kDistance>(own, through, start, w, entering);
-    Decayed<T> total[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) total[i] = entering[i].then(static_cast<T>(len()), sum[i]);
-    if (!walked_last()) {
-      publish<kDistance>(through, total, kThroughSum);
-    } else if (valid) {
-#pragma unroll
-      for (int i = 0; i < V; ++i) after.template store<kDistance>(row_index() + i, total[i]);
-    }
+    if (!walked_last()) publish<kDistance>(through, total, kThroughSum);
   }
 
   // The sums entering this chunk: those of the chunks walked before it, from `start` (the row's first sums).
@@ -616,8 +610,13 @@ __global__ void __launch_bounds__(kOnePassThreads) causal_forward(
       for (int i = 0; i < V; ++i) sum[i].push(kt[i], vt[i], T(1));
     }
   }
-  chunk.template join<false>(own, through, start, finish, wc, sum, s);
+  Decayed<T> total[V];
+  chunk.template join<false>(own, through, start, wc, sum, s, total);
   if (!chunk.valid) return;
+  if (chunk.walked_last()) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) finish.template store<false>(chunk.row_index() + i, total[i]);
+  }
   for (int64_t t = 0; t < len; ++t) {
     const int64_t at = chunk.n * g.L + t;
     if (kKeepStates && at % span == 0) {
@@ -662,14 +661,30 @@ __device__ __forceinline__ RightGrads<T> right_step(Decayed<T>& r, T k, T v, T u
   return out;
 }
 
+// The incoming state (aa, bb, pp), [B, C], and its gradients. It stands for e^pp (aa, bb), which reaches token t as
+// e^{tw} e^pp (aa, bb), so its gradients are R_{-1}, the sums entering the first token from the right.
+template <typename T>
+struct StateGrads {
+  const T *aa, *bb, *pp;
+  T *gaa, *gbb, *gpp;
+  // Stores the gradients at j from r = R_{-1}; returns the state's part of dL/dw.
+  __device__ __forceinline__ T store(int64_t j, const Decayed<T>& r) const {
+    const T scale = exp(r.scale() + pp[j]), ga = r.a * scale, gb = r.b * scale;
+    gaa[j] = ga;
+    gbb[j] = gb;
+    gpp[j] = aa[j] * ga + bb[j] * gb;
+    return scale * (aa[j] * r.da + bb[j] * r.db);
+  }
+};
+
 // The causal backward: each span's gradients, walking its tokens right to left from the sums entering from the
-// right; the first span's block stores the sums before the first token.
+// right; the first span's block also stores the incoming state's gradients.
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kOnePassThreads) causal_backward(
     Layout g, LookBack look, const acc_t<scalar_t>* __restrict__ w, const acc_t<scalar_t>* __restrict__ u,
     const scalar_t* __restrict__ k, const scalar_t* __restrict__ v, const scalar_t* __restrict__ gy,
     DecayedArray<acc_t<scalar_t>> states, DecayedArray<acc_t<scalar_t>> seed, DecayedArray<acc_t<scalar_t>> own,
-    DecayedArray<acc_t<scalar_t>> through, DecayedArray<acc_t<scalar_t>> before_first, scalar_t* __restrict__ gk,
+    DecayedArray<acc_t<scalar_t>> through, StateGrads<acc_t<scalar_t>> state, scalar_t* __restrict__ gk,
     scalar_t* __restrict__ gv, acc_t<scalar_t>* __restrict__ gw, acc_t<scalar_t>* __restrict__ gu) {
   using T = acc_t<scalar_t>;
   constexpr int W = kDenWords<scalar_t>;
@@ -731,11 +746,15 @@ __global__ void __launch_bounds__(kOnePassThreads) causal_backward(
       for (int i = 0; i < V; ++i) sum[i].add(term[i].x, static_cast<T>(t), term[i].va, term[i].vb);
     }
   }
-  chunk.template join<true>(own, through, seed, before_first, wc, sum, r);
+  Decayed<T> total[V];
+  chunk.template join<true>(own, through, seed, wc, sum, r, total);
   if (!chunk.valid) return;
   T gw_sum[V], gu_sum[V];
 #pragma unroll
-  for (int i = 0; i < V; ++i) gw_sum[i] = gu_sum[i] = T(0);
+  for (int i = 0; i < V; ++i) {
+    gw_sum[i] = chunk.walked_last() ? state.store(chunk.row_index() + i, total[i]) : T(0);
+    gu_sum[i] = T(0);
+  }
   for (int64_t t = len - 1; t >= 0; --t) {
     T kt[V], vt[V], gk_out[V], gv_out[V];
     Term<T> term[V];
@@ -1157,8 +1176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto k = k_.contiguous(), v = v_.contiguous(), gy = gy_.contiguous(), states = states_.contiguous();
   const auto aa = as_arithmetic(aa_, type), bb = as_arithmetic(bb_, type), pp = as_arithmetic(pp_, type);
   const auto seed = decayed_from(as_arithmetic(gaa, type), as_arithmetic(gbb, type), as_arithmetic(-pp_out, type));
-  const auto before_first = decayed_storage(B, 1, C, opts);
   auto gk = at::empty_like(k), gv = at::empty_like(v);
+  auto gaa_in = at::empty({B, C}, opts), gbb_in = at::empty({B, C}, opts), gpp_in = at::empty({B, C}, opts);
   at::Tensor gwu;  // per-chunk w and u gradients side by side, so that one reduction sums both
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "wkv4_backward", [&] {
     using T = acc_t<scalar_t>;
@@ -1168,19 +1187,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       gwu = at::empty({2, B, launch.g.N, C}, opts);
       launch(causal_backward<scalar_t, V>, w.data_ptr<T>(), u.data_ptr<T>(), k.data_ptr<scalar_t>(),
              v.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), decayed_from(states[0], states[1], states[2]).view<T>(),
-             seed.view<T>(), launch.own.view<T>(), launch.through.view<T>(), before_first.view<T>(),
+             seed.view<T>(), launch.own.view<T>(), launch.through.view<T>(),
+             StateGrads<T>{aa.data_ptr<T>(), bb.data_ptr<T>(), pp.data_ptr<T>(), gaa_in.data_ptr<T>(),
+                           gbb_in.data_ptr<T>(), gpp_in.data_ptr<T>()},
              gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(), gwu[0].data_ptr<T>(), gwu[1].data_ptr<T>());
     });
   });
-  // The state in (aa, bb, pp) stands for e^pp (aa, bb), which reaches token t as e^{tw} e^pp (aa, bb): its
-  // gradients are R_{-1}, the sums entering from the right at the first token.
-  const auto r = [&](const at::Tensor& part) { return part.view({B, C}); };
-  const auto scale = at::exp(r(before_first.m) + pp);
-  const auto gaa_in = r(before_first.a) * scale, gbb_in = r(before_first.b) * scale;
-  const auto gw_state = (scale * (aa * r(before_first.da) + bb * r(before_first.db))).sum(0);
-  const auto gwu_sum = gwu.sum(at::IntArrayRef{1, 2});
-  return {gwu_sum[0] + gw_state, gwu_sum[1], gk, gv, gaa_in, gbb_in,
-          aa * gaa_in + bb * gbb_in};
+  const auto gwu_sum = gwu.sum(at::IntArrayRef{1, 2});  // the state's part of dL/dw is in its first span's partial
+  return {gwu_sum[0], gwu_sum[1], gk, gv, gaa_in, gbb_in, gpp_in};
 }
 
 // wkv and, when keep_den, the denominators the backward needs (else an empty tensor: inference writes less).
