@@ -1177,7 +1177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto aa = as_arithmetic(aa_, type), bb = as_arithmetic(bb_, type), pp = as_arithmetic(pp_, type);
   const auto seed = decayed_from(as_arithmetic(gaa, type), as_arithmetic(gbb, type), as_arithmetic(-pp_out, type));
   auto gk = at::empty_like(k), gv = at::empty_like(v);
-  auto gaa_in = at::empty({B, C}, opts), gbb_in = at::empty({B, C}, opts), gpp_in = at::empty({B, C}, opts);
+  const auto gaa_in = at::empty({B, C}, opts), gbb_in = at::empty({B, C}, opts), gpp_in = at::empty({B, C}, opts);
   at::Tensor gwu;  // per-chunk w and u gradients side by side, so that one reduction sums both
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "wkv4_backward", [&] {
     using T = acc_t<scalar_t>;
