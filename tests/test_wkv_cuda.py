@@ -309,7 +309,7 @@ def test_inference_keeps_nothing_for_a_backward(dtype, words, span):
 
 def test_backward_after_a_forward_that_kept_nothing_is_an_error():
     """A forward called with keep_den=False or keep_states=False (inference) has nothing for a backward: the autograd
-    rule says so instead of running the backward kernel on an empty den."""
+    rule says so instead of running the backward kernel on an empty tensor."""
     w, u, k, v = (x.cuda().requires_grad_() for x in biwkv_inputs(1, 5, 3))
     y, _ = torch.ops.zoo.biwkv_forward(w, u, k, v, False)
     with pytest.raises(RuntimeError, match="zoo::biwkv_forward ran with keep_den=False"):
