@@ -1114,6 +1114,9 @@ std::vector<int64_t> states_shape(const at::Tensor& k) {
   return {3, k.size(0), (k.size(1) + span - 1) / span, k.size(2)};
 }
 
+// Kept states (states_shape) as the sums they hold, without distance weights.
+DecayedStorage kept_sums(const at::Tensor& states) { return decayed_from(states[0], states[1], states[2]); }
+
 // What a backward reads from its forward (`what`, kept with `flag`) must have the forward's shape and dtype.
 void check_kept(const char* op, const char* what, const char* flag, const at::Tensor& kept,
                 const std::vector<int64_t>& shape, at::ScalarType type) {
@@ -1142,7 +1145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv4_forw
   const auto states = keep_states ? at::empty(states_shape(k), opts) : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "wkv4_forward", [&] {
     using T = acc_t<scalar_t>;
-    const auto kept = keep_states ? decayed_from(states[0], states[1], states[2]).view<T>() : DecayedArray<T>{};
+    const auto kept = keep_states ? kept_sums(states).view<T>() : DecayedArray<T>{};
     with_flag(keep_states, [&](auto keep) {
       with_width<kTileWidth>(C, [&](auto width) {
         constexpr int V = decltype(width)::value;
@@ -1186,7 +1189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const OnePassLaunch launch(k, V, kStateSpan<scalar_t>, kBackwardTokenBytes<scalar_t>, opts);
       gwu = at::empty({2, B, launch.g.N, C}, opts);
       launch(causal_backward<scalar_t, V>, w.data_ptr<T>(), u.data_ptr<T>(), k.data_ptr<scalar_t>(),
-             v.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), decayed_from(states[0], states[1], states[2]).view<T>(),
+             v.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), kept_sums(states).view<T>(),
              seed.view<T>(), launch.own.view<T>(), launch.through.view<T>(),
              StateGrads<T>{aa.data_ptr<T>(), bb.data_ptr<T>(), pp.data_ptr<T>(), gaa_in.data_ptr<T>(),
                            gbb_in.data_ptr<T>(), gpp_in.data_ptr<T>()},
